@@ -1,0 +1,42 @@
+"""`granite-jax-convert SRC DST [--dtype ...] [--overwrite]`: HF checkpoint -> granite_jax checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from granite_jax.checkpoint import CheckpointError
+from granite_jax.config import ConfigError
+from granite_jax.convert.convert import DTYPES, convert_checkpoint
+from granite_jax.convert.key_map import ConversionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="granite-jax-convert",
+        description="Convert the encoder of a Hugging Face Granite Speech checkpoint to granite_jax's format.",
+    )
+    p.add_argument("src", help="HF checkpoint directory (config.json + safetensors) or hub id (org/name)")
+    p.add_argument("dst", help="output directory (created atomically)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored parameters")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        prov = convert_checkpoint(
+            args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet
+        )
+    except (ConversionError, CheckpointError, ConfigError) as e:
+        print(f"granite-jax-convert: error: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"wrote {args.dst} ({prov['dtype']}, from {prov['source']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The HF encoder key table: regex -> (NNX path template, transform), with its inverse.
+
+Every source key must match exactly one row and every NNX parameter must be filled exactly once;
+anything else raises `ConversionError` naming the keys (bonsai only warns; we refuse).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not match the encoder config: names every offending key."""
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A layout change from a torch tensor to the NNX one, and back."""
+
+    name: str
+    forward: Callable[[np.ndarray], np.ndarray]
+    inverse: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda a: a, lambda a: a)
+# nn.Linear weight (out, in) -> nnx.Linear kernel (in, out)
+LINEAR = Transform("linear", lambda a: a.T, lambda a: a.T)
+# nn.Conv1d(kernel_size=1) weight (out, in, 1) -> nnx.Linear kernel (in, out)
+POINTWISE_CONV = Transform("pointwise_conv", lambda a: a[:, :, 0].T, lambda a: a.T[:, :, None])
+# depthwise nn.Conv1d weight (channels, 1, k) -> (k, channels)
+DEPTHWISE_CONV = Transform("depthwise_conv", lambda a: a[:, 0, :].T, lambda a: a.T[:, None, :])
+# BatchNorm's num_batches_tracked: int64 in torch, int32 in JAX (x64 off)
+COUNTER = Transform("counter", lambda a: a, lambda a: a.astype(np.int64))
+
+# Named placeholders shared by both sides of a row; `{i}` is a layer index.
+_GROUPS = {
+    "i": r"\d+",
+    "lin": r"input_linear|out|out_mid",
+    "ln": r"ff1\.pre_norm|ff2\.pre_norm|attn\.pre_norm|conv\.norm|post_norm",
+    "ff": r"ff1|ff2",
+    "proj": r"up_proj|down_proj",
+    "qkv": r"to_q|to_kv|to_out",
+    "pw": r"up_conv|down_conv",
+}
+# (HF key relative to the encoder, NNX path, transform)
+KEY_TABLE: tuple[tuple[str, str, Transform], ...] = (
+    ("{lin}.weight", "{lin}.kernel", LINEAR),
+    ("{lin}.bias", "{lin}.bias", IDENTITY),
+    ("layers.{i}.{ln}.weight", "layers.{i}.{ln}.scale", IDENTITY),
+    ("layers.{i}.{ln}.bias", "layers.{i}.{ln}.bias", IDENTITY),
+    ("layers.{i}.{ff}.{proj}.weight", "layers.{i}.{ff}.{proj}.kernel", LINEAR),
+    ("layers.{i}.{ff}.{proj}.bias", "layers.{i}.{ff}.{proj}.bias", IDENTITY),
+    ("layers.{i}.attn.{qkv}.weight", "layers.{i}.attn.{qkv}.kernel", LINEAR),
+    ("layers.{i}.attn.to_out.bias", "layers.{i}.attn.to_out.bias", IDENTITY),
+    ("layers.{i}.attn.rel_pos_emb.weight", "layers.{i}.attn.rel_pos_emb.embedding", IDENTITY),
+    ("layers.{i}.conv.{pw}.weight", "layers.{i}.conv.{pw}.kernel", POINTWISE_CONV),
+    ("layers.{i}.conv.{pw}.bias", "layers.{i}.conv.{pw}.bias", IDENTITY),
+    ("layers.{i}.conv.depth_conv.conv.weight", "layers.{i}.conv.depth_conv.kernel", DEPTHWISE_CONV),
+    ("layers.{i}.conv.batch_norm.weight", "layers.{i}.conv.batch_norm.scale", IDENTITY),
+    ("layers.{i}.conv.batch_norm.bias", "layers.{i}.conv.batch_norm.bias", IDENTITY),
+    ("layers.{i}.conv.batch_norm.running_mean", "layers.{i}.conv.batch_norm.mean", IDENTITY),
+    ("layers.{i}.conv.batch_norm.running_var", "layers.{i}.conv.batch_norm.var", IDENTITY),
+    (
+        "layers.{i}.conv.batch_norm.num_batches_tracked",
+        "layers.{i}.conv.batch_norm.num_batches_tracked",
+        COUNTER,
+    ),
+)
+
+
+def _compile(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    return re.compile(
+        "".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{_GROUPS[p]})" for k, p in enumerate(parts))
+    )
+
+
+# Each row compiled both ways: (from-pattern, to-template, transform)
+_FORWARD = tuple((_compile(s), t, tf) for s, t, tf in KEY_TABLE)
+_BACKWARD = tuple((_compile(t), s, tf) for s, t, tf in KEY_TABLE)
+
+
+def _lookup(rules, key: str) -> tuple[str, Transform] | None:
+    for pattern, template, transform in rules:
+        m = pattern.fullmatch(key)
+        if m:
+            return template.format(**m.groupdict()), transform
+    return None
+
+
+def map_key(source_key: str) -> tuple[str, Transform] | None:
+    """The NNX path and transform for one HF encoder key (relative to the encoder), or None."""
+    return _lookup(_FORWARD, source_key)
+
+
+def _shape_str(shape: Iterable[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def hf_to_flax(
+    source_keys: Iterable[str],
+    read: Callable[[str], np.ndarray],
+    expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    *,
+    on_tensor: Callable[[str], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Map HF encoder tensors onto NNX paths.
+
+    `source_keys` are relative to the encoder; `read(key)` loads one tensor (lazily: only mapped keys
+    are read); `expected` is {nnx path: (shape, dtype)} of the model to fill. The result is cast to
+    the expected dtypes. Raises `ConversionError` listing unmapped, duplicate, missing and mis-shaped keys.
+    """
+    plan: dict[str, tuple[str, Transform]] = {}
+    unmapped, unexpected, duplicates = [], [], []
+    for key in sorted(source_keys):
+        hit = map_key(key)
+        if hit is None:
+            unmapped.append(key)
+            continue
+        target, transform = hit
+        if target not in expected:
+            unexpected.append(f"{key} (-> {target})")
+        elif target in plan:
+            duplicates.append(f"{key} and {plan[target][0]} both map to {target}")
+        else:
+            plan[target] = (key, transform)
+    missing = sorted(set(expected) - set(plan))
+    problems = []
+    if unmapped:
+        problems.append("encoder tensors with no mapping: " + ", ".join(unmapped))
+    if unexpected:
+        problems.append("encoder tensors this config has no parameter for: " + ", ".join(unexpected))
+    if duplicates:
+        problems.append("; ".join(duplicates))
+    if missing:
+        problems.append("parameters not filled by the checkpoint: " + ", ".join(missing))
+    if problems:
+        raise ConversionError("checkpoint does not match the encoder config:\n  " + "\n  ".join(problems))
+
+    out: dict[str, np.ndarray] = {}
+    mismatched = []
+    for target in sorted(plan):
+        key, transform = plan[target]
+        raw = read(key)
+        value = transform.forward(raw)
+        shape, dtype = expected[target]
+        if tuple(value.shape) != tuple(shape):
+            want = transform.inverse(np.empty(shape, np.int8)).shape
+            mismatched.append(
+                f"{key}: checkpoint shape {_shape_str(raw.shape)}, config expects {_shape_str(want)} "
+                f"(NNX {target} {_shape_str(shape)})"
+            )
+            continue
+        out[target] = np.require(value, requirements="C").astype(dtype, copy=False)
+        if on_tensor is not None:
+            on_tensor(key)
+    if mismatched:
+        raise ConversionError("shape mismatch:\n  " + "\n  ".join(mismatched))
+    return out
+
+
+def flax_to_hf(params: Mapping[str, np.ndarray], *, prefix: str = "") -> dict[str, np.ndarray]:
+    """Inverse of `hf_to_flax`: NNX paths back to HF encoder keys in torch layouts (round trips)."""
+    out = {}
+    for path, value in params.items():
+        hit = _lookup(_BACKWARD, path)
+        if hit is None:
+            raise ConversionError(f"no HF key for NNX parameter {path}")
+        key, transform = hit
+        out[prefix + key] = np.require(transform.inverse(np.asarray(value)), requirements="C")
+    return out

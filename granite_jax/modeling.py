@@ -1,0 +1,265 @@
+"""The Granite Speech conformer encoder in Flax NNX.
+
+The module tree mirrors transformers' `GraniteSpeechCTCEncoder` (input_linear, layers[i].{ff1, attn, conv,
+ff2, post_norm}, out, out_mid), so the checkpoint key table and per-submodule tests stay one-to-one.
+Every module takes a `valid` mask (B, T) so that a padded batch reproduces each utterance run alone:
+keys past a row's length are masked and the depthwise conv sees zeros there, as the unpadded run does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float
+
+from granite_jax.config import EncoderConfig
+
+LN_EPS = 1e-5  # torch nn.LayerNorm / nn.BatchNorm1d default
+
+
+def _dense(rngs: nnx.Rngs, n_in: int, n_out: int, *, bias: bool = True, **kw) -> nnx.Linear:
+    return nnx.Linear(n_in, n_out, use_bias=bias, rngs=rngs, **kw)
+
+
+def _layer_norm(rngs: nnx.Rngs, dim: int, **kw) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs, **kw)
+
+
+class FeedForward(nnx.Module):
+    """Pre-norm feed-forward: LayerNorm -> Linear(x mult) -> SiLU -> Linear."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.pre_norm = _layer_norm(rngs, cfg.hidden_dim, **kw)
+        self.up_proj = _dense(rngs, cfg.hidden_dim, cfg.hidden_dim * cfg.feedforward_mult, **kw)
+        self.down_proj = _dense(rngs, cfg.hidden_dim * cfg.feedforward_mult, cfg.hidden_dim, **kw)
+        self.dropout = nnx.Dropout(cfg.dropout, deterministic=True)
+
+    def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+        h = self.up_proj(self.pre_norm(x))
+        h = self.dropout(nnx.silu(h))
+        return self.dropout(self.down_proj(h))
+
+
+def relative_distances(context_size: int, max_pos_emb: int) -> np.ndarray:
+    """(c, c) indices into the Shaw table: clamp(i - j, -c, c) + max_pos_emb, as the reference builds them."""
+    seq = np.arange(context_size)
+    return np.clip(seq[:, None] - seq[None, :], -context_size, context_size) + max_pos_emb
+
+
+class Attention(nnx.Module):
+    """Block-local multi-head attention with Shaw relative positions.
+
+    The sequence is cut into blocks of `context_size` frames; each frame attends within its block.
+    The relative term is an einsum of the queries with the (c, c, dim_head) table: never a
+    (..., c, c, dim_head) product.
+    """
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.num_heads = cfg.num_heads
+        self.dim_head = cfg.dim_head
+        self.context_size = cfg.context_size
+        self.max_pos_emb = cfg.max_pos_emb
+        self.pre_norm = _layer_norm(rngs, cfg.hidden_dim, **kw)
+        self.to_q = _dense(rngs, cfg.hidden_dim, cfg.inner_dim, bias=False, **kw)
+        self.to_kv = _dense(rngs, cfg.hidden_dim, 2 * cfg.inner_dim, bias=False, **kw)
+        self.to_out = _dense(rngs, cfg.inner_dim, cfg.hidden_dim, **kw)
+        self.rel_pos_emb = nnx.Embed(2 * cfg.max_pos_emb + 1, cfg.dim_head, rngs=rngs, **kw)
+        self.dropout = nnx.Dropout(cfg.dropout, deterministic=True)
+
+    def __call__(self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:
+        b, t, _ = x.shape
+        c, h = self.context_size, self.num_heads
+        if t % c:
+            raise ValueError(f"Attention expects T padded to a multiple of context_size {c}, got {t}")
+        n = t // c
+        # Padded frames are zero after the norm, exactly as the reference's F.pad of normalised states.
+        x = jnp.where(valid[..., None], self.pre_norm(x), 0)
+        q = self.to_q(x).reshape(b, n, c, h, -1)
+        k, v = jnp.split(self.to_kv(x), 2, axis=-1)
+        k = k.reshape(b, n, c, h, -1)
+        v = v.reshape(b, n, c, h, -1)
+        table = self.rel_pos_emb.embedding[...]
+        rel = table[relative_distances(c, self.max_pos_emb)]  # (c, c, dim_head): query, key, d
+        scale = self.dim_head**-0.5
+        # (b n h c c): content term plus Shaw term, both contracted over d; no 6-D product.
+        logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q, k) + jnp.einsum("bnqhd,qkd->bnhqk", q, rel.astype(q.dtype))
+        logits = logits.astype(jnp.float32) * scale
+        key_valid = valid.reshape(b, n, 1, 1, c)
+        logits = jnp.where(key_valid, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bnhqk,bnkhd->bnqhd", weights, v).reshape(b, t, -1)  # (b t h*d)
+        return self.dropout(self.to_out(out))
+
+
+class DepthWiseConv1d(nnx.Module):
+    """Depthwise 1-D conv with the reference's (k//2, k//2 - (k+1)%2) zero padding.
+
+    Written as k shifted multiply-adds: XLA's grouped conv is far slower on CPU for the same result.
+    `kernel` is (kernel_size, channels); the torch weight is (channels, 1, kernel_size).
+    """
+
+    def __init__(self, channels: int, kernel_size: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.kernel_size = kernel_size
+        pad = kernel_size // 2
+        self.padding = (pad, pad - (kernel_size + 1) % 2)
+        init = nnx.initializers.lecun_normal(in_axis=0, out_axis=())
+        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, channels), param_dtype))
+
+    def __call__(self, x: Float[Array, "b t c"]) -> Float[Array, "b t c"]:
+        t = x.shape[1]
+        w = self.kernel[...].astype(x.dtype)
+        xp = jnp.pad(x, ((0, 0), self.padding, (0, 0)))
+        out = xp[:, 0:t] * w[0]
+        for j in range(1, self.kernel_size):
+            out = out + xp[:, j : j + t] * w[j]
+        return out
+
+
+class BatchNorm1d(nnx.BatchNorm):
+    """`nnx.BatchNorm` over the last axis that also keeps torch's `num_batches_tracked` counter."""
+
+    def __init__(self, num_features: int, *, rngs: nnx.Rngs, **kw):
+        super().__init__(
+            num_features,
+            use_running_average=True,  # inference semantics; training mode flips this
+            momentum=0.9,  # = torch momentum 0.1
+            epsilon=LN_EPS,
+            rngs=rngs,
+            **kw,
+        )
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+
+class ConvModule(nnx.Module):
+    """LayerNorm -> pointwise conv (x2) -> GLU -> depthwise conv -> BatchNorm -> SiLU -> pointwise conv."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        inner = cfg.hidden_dim * cfg.conv_expansion_factor
+        self.norm = _layer_norm(rngs, cfg.hidden_dim, **kw)
+        self.up_conv = _dense(rngs, cfg.hidden_dim, 2 * inner, **kw)  # Conv1d(k=1) == Linear
+        self.depth_conv = DepthWiseConv1d(inner, cfg.conv_kernel_size, rngs=rngs, param_dtype=param_dtype)
+        self.batch_norm = BatchNorm1d(inner, rngs=rngs, **kw)
+        self.down_conv = _dense(rngs, inner, cfg.hidden_dim, **kw)
+        self.dropout = nnx.Dropout(cfg.dropout, deterministic=True)
+
+    def __call__(self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:
+        a, gate = jnp.split(self.up_conv(self.norm(x)), 2, axis=-1)
+        h = a * jax.nn.sigmoid(gate)  # GLU over channels
+        h = jnp.where(valid[..., None], h, 0)  # the conv must see zeros past the end, like the unpadded run
+        h = nnx.silu(self.batch_norm(self.depth_conv(h)))
+        return self.dropout(self.down_conv(h))
+
+
+class ConformerBlock(nnx.Module):
+    """Macaron conformer block: x + ff1/2, + attn, + conv, + ff2/2, then LayerNorm."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.ff1 = FeedForward(cfg, **kw)
+        self.attn = Attention(cfg, **kw)
+        self.conv = ConvModule(cfg, **kw)
+        self.ff2 = FeedForward(cfg, **kw)
+        self.post_norm = _layer_norm(rngs, cfg.hidden_dim, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:
+        x = 0.5 * self.ff1(x) + x
+        x = self.attn(x, valid) + x
+        x = self.conv(x, valid) + x
+        x = 0.5 * self.ff2(x) + x
+        return self.post_norm(x)
+
+
+class GraniteSpeechEncoder(nnx.Module):
+    """`GraniteSpeechCTCEncoder` (and the plus variant's `cat_hidden_layers`) in NNX.
+
+    `__call__(features, valid)` takes (B, T, input_dim) and a (B, T) mask of valid frames and returns
+    (B, T, output_width) with zeros at invalid frames. T need not be a multiple of context_size.
+    """
+
+    def __init__(
+        self, cfg: EncoderConfig, *, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32
+    ):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.config = cfg
+        self.input_linear = _dense(rngs, cfg.input_dim, cfg.hidden_dim, **kw)
+        self.layers = nnx.List([ConformerBlock(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
+        self.out = _dense(rngs, cfg.hidden_dim, cfg.output_dim, **kw)
+        self.out_mid = _dense(rngs, cfg.output_dim, cfg.hidden_dim, **kw)
+
+    def self_condition(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+        """CTC self-conditioning: x + out_mid(softmax(out(x)))."""
+        probs = jax.nn.softmax(self.out(x).astype(jnp.float32), axis=-1).astype(x.dtype)
+        return x + self.out_mid(probs)
+
+    def __call__(
+        self, features: Float[Array, "b t f"], valid: Bool[Array, "b t"] | None = None
+    ) -> Float[Array, "b t w"]:
+        cfg = self.config
+        b, t, f = features.shape
+        if f != cfg.input_dim:
+            raise ValueError(f"features have {f} channels, the encoder expects input_dim={cfg.input_dim}")
+        if valid is None:
+            valid = jnp.ones((b, t), bool)
+        pad = -t % cfg.context_size
+        if pad:
+            features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
+            valid = jnp.pad(valid, ((0, 0), (0, pad)))
+        features = jnp.where(valid[..., None], features, 0)
+
+        x = self.input_linear(features)
+        exported = {0: x} if 0 in cfg.exported_layers else {}
+        for idx, layer in enumerate(self.layers, start=1):
+            x = layer(x, valid)
+            if idx == cfg.self_conditioning_layer:
+                x = self.self_condition(x)
+            # The reference appends before its in-place `+=`, so the export at the self-conditioning
+            # layer already includes the self-conditioning term: taking it after matches that.
+            if idx in cfg.exported_layers:
+                exported[idx] = x
+        if cfg.exported_layers:
+            x = jnp.concatenate([exported[i] for i in cfg.exported_layers] + [x], axis=-1)
+        x = jnp.where(valid[..., None], x, 0)
+        return x[:, :t]
+
+
+# -- parameters as flat {path: array} dicts (the converter's and the checkpoint's currency) ------------
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def abstract_params(cfg: EncoderConfig, *, param_dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
+    """{path: ShapeDtypeStruct} of every variable (params and BatchNorm statistics), nothing allocated."""
+    model = nnx.eval_shape(lambda: GraniteSpeechEncoder(cfg, param_dtype=param_dtype))
+    return {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def encoder_from_params(
+    cfg: EncoderConfig, params: dict[str, np.ndarray], *, dtype=None, param_dtype=jnp.float32
+) -> GraniteSpeechEncoder:
+    """Build the encoder with the given variables (cast to param_dtype; counters stay integer)."""
+    model = nnx.eval_shape(lambda: GraniteSpeechEncoder(cfg, dtype=dtype, param_dtype=param_dtype))
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    names = {_path_str(p) for p, _ in flat}
+    if names != set(params):
+        missing, extra = sorted(names - set(params)), sorted(set(params) - names)
+        raise ValueError(f"parameters do not fit the config: missing {missing}, unexpected {extra}")
+    leaves = []
+    for path, var in flat:
+        want = var.get_value()
+        value = np.asarray(params[_path_str(path)])
+        if value.shape != want.shape:
+            raise ValueError(f"{_path_str(path)}: shape {value.shape}, config expects {want.shape}")
+        leaves.append((path, var.replace(jnp.asarray(value, dtype=want.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def params_of(model: GraniteSpeechEncoder) -> dict[str, np.ndarray]:
+    """The model's variables as a flat {path: numpy array} dict."""
+    return {_path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
