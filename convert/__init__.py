@@ -6,9 +6,9 @@ lazily; `cli` is the `granite-jax-convert` entry point.
 
 CONVERTER_VERSION = "1"
 
+from granite_jax.convert.convert import convert_checkpoint, convert_hf
 from granite_jax.convert.key_map import ConversionError, flax_to_hf, hf_to_flax
 from granite_jax.convert.sources import HFCheckpoint, open_hf_checkpoint
-from granite_jax.convert.convert import convert_checkpoint, convert_hf
 
 __all__ = [
     "CONVERTER_VERSION",

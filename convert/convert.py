@@ -6,11 +6,11 @@ import os
 from typing import Any
 
 import numpy as np
+from granite_jax.convert.key_map import ConversionError, hf_to_flax
+from granite_jax.convert.sources import open_hf_checkpoint
 
 from granite_jax import checkpoint
 from granite_jax.config import EncoderConfig
-from granite_jax.convert.key_map import ConversionError, hf_to_flax
-from granite_jax.convert.sources import open_hf_checkpoint
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -30,6 +30,7 @@ def convert_hf(
 ) -> tuple[EncoderConfig, dict[str, np.ndarray], dict[str, Any]]:
     """Read the encoder of an HF checkpoint (directory or hub id) as (config, {nnx path: array}, provenance)."""
     from granite_jax.convert import CONVERTER_VERSION
+
     from granite_jax.modeling import abstract_params
 
     target = _np_dtype(dtype)

@@ -74,9 +74,7 @@ KEY_TABLE: tuple[tuple[str, str, Transform], ...] = (
 
 def _compile(template: str) -> re.Pattern:
     parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
-    return re.compile(
-        "".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{_GROUPS[p]})" for k, p in enumerate(parts))
-    )
+    return re.compile("".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{_GROUPS[p]})" for k, p in enumerate(parts)))
 
 
 # Each row compiled both ways: (from-pattern, to-template, transform)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from granite_jax.convert.key_map import ConversionError
 
 # Encoder prefixes, most specific first: published full checkpoints use `encoder.`; transformers'
@@ -122,9 +121,7 @@ def _weight_map(directory: str) -> dict[str, str]:
     single_bin = os.path.join(directory, "pytorch_model.bin")
     if os.path.exists(single_bin):
         return {k: single_bin for k in _torch_load(single_bin)}
-    raise ConversionError(
-        f"{directory} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-    )
+    raise ConversionError(f"{directory} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
 def _find_prefix(weight_map: dict[str, str], source: str) -> str:

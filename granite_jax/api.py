@@ -52,7 +52,9 @@ class BucketPolicy:
         frames = tuple(sorted(int(f) for f in spec))
         bad = [f for f in frames if f <= 0 or f % context_size]
         if not frames or bad:
-            raise ValueError(f"bucket sizes must be positive multiples of context_size={context_size}, got {bad or frames}")
+            raise ValueError(
+                f"bucket sizes must be positive multiples of context_size={context_size}, got {bad or frames}"
+            )
         return cls(frames)
 
     def frames_for(self, t: int, context_size: int) -> int:
@@ -119,7 +121,9 @@ class GraniteEncoder:
             raise ValueError(f"features must be (batch, frames, {self.config.input_dim}), got shape {x.shape}")
         b, t, f = x.shape
         if f != self.config.input_dim:
-            raise ValueError(f"features have {f} channels per frame; this encoder takes input_dim={self.config.input_dim}")
+            raise ValueError(
+                f"features have {f} channels per frame; this encoder takes input_dim={self.config.input_dim}"
+            )
         if t == 0 or b == 0:
             raise ValueError(f"features must have at least one frame and one row, got shape {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.floating):

@@ -181,9 +181,7 @@ class GraniteSpeechEncoder(nnx.Module):
     (B, T, output_width) with zeros at invalid frames. T need not be a multiple of context_size.
     """
 
-    def __init__(
-        self, cfg: EncoderConfig, *, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32
-    ):
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.config = cfg

@@ -1,0 +1,35 @@
+"""The `granite-jax` command: demo (the README's set-up command) and the convert alias."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import TINY, make_hf_checkpoint, requires_torch
+
+from granite_jax.cli import main
+
+pytestmark = requires_torch
+
+
+def test_demo_runs_and_reports_parity(capsys):
+    assert main(["demo", "--layers", "1", "--seconds", "1", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "parity max|jax - torch| / max|torch|" in out and "speed-up" in out
+
+
+def test_convert_alias(tmp_path):
+    make_hf_checkpoint(TINY, tmp_path / "hf")
+    exe = os.path.join(os.path.dirname(sys.executable), "granite-jax")
+    out = subprocess.run([exe, "convert", tmp_path / "hf", tmp_path / "gj", "--quiet"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "gj" / "params.safetensors").exists()
+
+
+def test_demo_rejects_bad_arguments(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--layers", "0"])
+    assert "must be positive" in capsys.readouterr().err
