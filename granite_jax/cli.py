@@ -40,7 +40,8 @@ def demo(layers: int, seconds: float, runs: int, batch: int) -> int:
     frames = max(1, round(seconds * 50))
     print(
         f"granite-jax demo: {cfg.num_layers} layers x {cfg.hidden_dim}, {cfg.num_heads} heads x {cfg.dim_head}, "
-        f"context {cfg.context_size}; {batch} x {seconds:g} s of audio ({frames} frames); jax on {jax.default_backend()}"
+        f"context {cfg.context_size}; {batch} x {seconds:g} s of audio ({frames} frames); "
+        f"jax on {jax.default_backend()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
