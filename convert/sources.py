@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from granite_jax.convert.key_map import ConversionError
+
+from granite_jax.safetensors_file import SafetensorsFile
 
 # Encoder prefixes, most specific first: published full checkpoints use `encoder.`; transformers'
 # in-memory layout is `model.encoder.`; a bare GraniteSpeechCTCEncoder has none.
@@ -31,7 +31,6 @@ class HFCheckpoint:
     config: dict[str, Any]
     prefix: str
     weight_map: dict[str, str]  # full key -> file holding it
-    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
     _torch_state: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -51,9 +50,7 @@ class HFCheckpoint:
         path = self.weight_map[full]
         if path.endswith(".safetensors"):
             if path not in self._handles:
-                from safetensors import safe_open
-
-                self._handles[path] = self._stack.enter_context(safe_open(path, framework="numpy"))
+                self._handles[path] = SafetensorsFile(path)
             return self._handles[path].get_tensor(full)
         if path not in self._torch_state:
             self._torch_state.clear()  # keep one .bin shard alive at a time
@@ -61,7 +58,6 @@ class HFCheckpoint:
         return _torch_to_numpy(self._torch_state[path][full])
 
     def close(self) -> None:
-        self._stack.close()
         self._handles.clear()
         self._torch_state.clear()
 
@@ -95,10 +91,10 @@ def _torch_to_numpy(t) -> np.ndarray:
 
 
 def _safetensors_keys(path: str) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as f:
-        return list(f.keys())
+    try:
+        return SafetensorsFile(path).keys()
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _weight_map(directory: str) -> dict[str, str]:
@@ -110,11 +106,7 @@ def _weight_map(directory: str) -> dict[str, str]:
                 index = json.load(f)
             if "weight_map" not in index:
                 raise ConversionError(f"{index_path} has no weight_map")
-            files = {v: os.path.join(directory, v) for v in set(index["weight_map"].values())}
-            missing = sorted(v for v, p in files.items() if not os.path.exists(p))
-            if missing:
-                raise ConversionError(f"{index_path} names shards that are not there: {', '.join(missing)}")
-            return {k: files[v] for k, v in index["weight_map"].items()}
+            return {k: os.path.join(directory, v) for k, v in index["weight_map"].items()}
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(single):
         return {k: single for k in _safetensors_keys(single)}
@@ -152,7 +144,12 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
     with open(config_path) as f:
         config = json.load(f)
     weight_map = _weight_map(directory)
-    return HFCheckpoint(source=src, config=config, prefix=_find_prefix(weight_map, src), weight_map=weight_map)
+    ckpt = HFCheckpoint(source=src, config=config, prefix=_find_prefix(weight_map, src), weight_map=weight_map)
+    # Only the shards holding encoder tensors must be present (a hub download fetches just those).
+    missing = [os.path.basename(f) for f in ckpt.encoder_files if not os.path.exists(f)]
+    if missing:
+        raise ConversionError(f"{directory}: the index names encoder shards that are not there: {', '.join(missing)}")
+    return ckpt
 
 
 def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
@@ -182,13 +179,8 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
         raise
     except Exception as e:  # offline, unknown repo, gated, ...
         raise ConversionError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-            "Without network access, download the checkpoint elsewhere and pass its local directory."
+            f"{repo_id!r} is not a local directory, and could not fetch it from the Hugging Face Hub "
+            f"({type(e).__name__}: {e}). Without network access, download the checkpoint elsewhere and "
+            "pass its local directory."
         ) from None
     return os.path.dirname(config_path)
-
-
-def iter_encoder_tensors(ckpt: HFCheckpoint) -> Iterator[tuple[str, np.ndarray]]:
-    """(relative key, array) for every encoder tensor, shard by shard."""
-    for key in ckpt.encoder_keys:
-        yield key, ckpt.read(key)

@@ -85,7 +85,7 @@ class GraniteEncoder:
         self.config: EncoderConfig = model.config
         self.buckets = BucketPolicy.make(buckets, self.config.context_size)
         self.provenance = dict(provenance or {})
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef = nnx.graphdef(model)
         self._traces = 0
         self._forward = jax.jit(self._forward_impl)
 
@@ -140,7 +140,8 @@ class GraniteEncoder:
         tb = self.bucket_frames(t)
         dtype = self._compute_dtype
         x = jnp.pad(jnp.asarray(x, dtype), ((0, 0), (0, tb - t), (0, 0)))
-        out = self._forward(self._state, x, jnp.asarray(lens))[:, :t]
+        # The state is read per call, so updates to `self.model` (fine-tuning, surgery) are seen.
+        out = self._forward(nnx.state(self.model), x, jnp.asarray(lens))[:, :t]
         return out[0] if squeeze else out
 
     @property
@@ -149,7 +150,7 @@ class GraniteEncoder:
 
     def __repr__(self) -> str:
         c = self.config
-        n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(self._state))
+        n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(self.model)))
         return (
             f"GraniteEncoder({c.num_layers} layers x {c.hidden_dim}, {c.num_heads} heads x {c.dim_head}, "
             f"context {c.context_size}, {n / 1e6:.1f}M values, {self._compute_dtype}, buckets={self.buckets.mode!r})"
@@ -178,5 +179,7 @@ def load(
     param_dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(param_dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}")
-    model = encoder_from_params(config, params, param_dtype=param_dtype, dtype=param_dtype)
+    # Converted in memory: hand each array over and drop it, so the weights are held once.
+    consume = isinstance(params, dict)
+    model = encoder_from_params(config, params, param_dtype=param_dtype, dtype=param_dtype, consume=consume)
     return GraniteEncoder(model, buckets=buckets, provenance=provenance)

@@ -13,11 +13,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from granite_jax.config import EncoderConfig
+from granite_jax.safetensors_file import SafetensorsFile
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -72,10 +74,27 @@ def save(
         raise
 
 
-def load(path: str | os.PathLike) -> tuple[EncoderConfig, dict[str, np.ndarray], dict[str, Any]]:
-    """(config, {path: array}, provenance) of a checkpoint directory."""
-    from safetensors.numpy import load_file
+class LazyParams(Mapping):
+    """{path: array} over a params.safetensors file, each tensor read only when asked for."""
 
+    def __init__(self, file: str):
+        self._file = SafetensorsFile(file)
+        self._keys = tuple(self._file.keys())
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def load(path: str | os.PathLike) -> tuple[EncoderConfig, Mapping[str, np.ndarray], dict[str, Any]]:
+    """(config, lazy {path: array}, provenance) of a checkpoint directory."""
     path = os.fspath(path)
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a granite_jax checkpoint (no {META_FILE})")
@@ -86,5 +105,5 @@ def load(path: str | os.PathLike) -> tuple[EncoderConfig, dict[str, np.ndarray],
             f"{path} has format_version {meta.get('format_version')!r}; this granite_jax reads {FORMAT_VERSION}"
         )
     config = EncoderConfig.from_hf_config(os.path.join(path, CONFIG_FILE))
-    params = load_file(os.path.join(path, PARAMS_FILE))
+    params = LazyParams(os.path.join(path, PARAMS_FILE))
     return config, params, meta

@@ -8,6 +8,8 @@ keys past a row's length are masked and the depthwise conv sees zeros there, as 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -238,9 +240,18 @@ def abstract_params(cfg: EncoderConfig, *, param_dtype=jnp.float32) -> dict[str,
 
 
 def encoder_from_params(
-    cfg: EncoderConfig, params: dict[str, np.ndarray], *, dtype=None, param_dtype=jnp.float32
+    cfg: EncoderConfig,
+    params: Mapping[str, np.ndarray],
+    *,
+    dtype=None,
+    param_dtype=jnp.float32,
+    consume: bool = False,
 ) -> GraniteSpeechEncoder:
-    """Build the encoder with the given variables (cast to param_dtype; counters stay integer)."""
+    """Build the encoder with the given variables (cast to param_dtype; counters stay integer).
+
+    `params` may be lazy (read on access). With `consume`, each entry is deleted from `params` once it is
+    on the device, so the weights are never held twice.
+    """
     model = nnx.eval_shape(lambda: GraniteSpeechEncoder(cfg, dtype=dtype, param_dtype=param_dtype))
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
@@ -255,6 +266,9 @@ def encoder_from_params(
         if value.shape != want.shape:
             raise ValueError(f"{_path_str(path)}: shape {value.shape}, config expects {want.shape}")
         leaves.append((path, var.replace(jnp.asarray(value, dtype=want.dtype))))
+        del value
+        if consume:
+            del params[_path_str(path)]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 

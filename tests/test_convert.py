@@ -81,16 +81,16 @@ def test_only_encoder_shards_are_opened(tmp_path, monkeypatch):
     enc = {v for k, v in index["weight_map"].items() if k.startswith("encoder.")}
     other = set(index["weight_map"].values()) - enc
     assert other, "the test needs shards without encoder tensors"
-    import safetensors
+    from granite_jax.safetensors_file import SafetensorsFile
 
     opened = []
-    real = safetensors.safe_open
+    real = SafetensorsFile.__init__
 
-    def spy(path, *a, **k):
+    def spy(self, path):
         opened.append(os.path.basename(path))
-        return real(path, *a, **k)
+        real(self, path)
 
-    monkeypatch.setattr(safetensors, "safe_open", spy)
+    monkeypatch.setattr(SafetensorsFile, "__init__", spy)
     convert_hf(os.fspath(tmp_path / "hf"))
     assert set(opened) == enc
 
@@ -209,7 +209,7 @@ def test_hub_id_without_network_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", os.fspath(tmp_path / "hf_home"))
     rc, err = _run_cli("ibm-granite/granite-speech-4.1-2b", tmp_path / "gj")
-    assert rc == 1 and "could not fetch 'ibm-granite/granite-speech-4.1-2b'" in err
+    assert rc == 1 and "could not fetch it from the Hugging Face Hub" in err
     assert not (tmp_path / "gj").exists()
 
 
@@ -221,3 +221,53 @@ def test_checkpoint_format_version_is_checked(hf_dir, tmp_path):
     (tmp_path / "gj" / checkpoint.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(checkpoint.CheckpointError, match="format_version 99"):
         granite_jax.load(tmp_path / "gj")
+
+
+def test_hub_download_fetches_only_what_the_encoder_needs(tmp_path, monkeypatch):
+    """A hub id downloads config.json, the index and the encoder's shards, nothing else.
+
+    The hub is served from a local sharded checkpoint (no network here); the reader code is the real one.
+    """
+    import shutil
+
+    import huggingface_hub
+
+    ref = make_hf_checkpoint(CFG, tmp_path / "remote", full=True, max_shard_size="30KB", seed=7)
+    requested = []
+
+    def fake_download(repo_id, filename, revision=None, **kw):
+        assert repo_id == "org/model"
+        requested.append(filename)
+        dst = tmp_path / "snapshot" / filename
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copy(tmp_path / "remote" / filename, dst)
+        return os.fspath(dst)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    config, params, prov = convert_hf("org/model")
+    index = json.loads((tmp_path / "remote" / "model.safetensors.index.json").read_text())
+    encoder_shards = {v for k, v in index["weight_map"].items() if k.startswith("encoder.")}
+    assert set(requested) == {"config.json", "model.safetensors.index.json"} | encoder_shards
+    assert len(encoder_shards) < len(set(index["weight_map"].values()))
+    assert prov["source"] == "org/model" and config == CFG
+    x = np.random.default_rng(8).standard_normal((1, 9, CFG.input_dim)).astype(np.float32)
+    model = granite_jax.GraniteEncoder(granite_jax.modeling.encoder_from_params(config, params))
+    assert rel_err(model.encode_features(x), torch_encode(ref, x)) < 1e-4
+
+
+def test_progress_bar_for_sharded_checkpoints(tmp_path, capsys):
+    make_hf_checkpoint(CFG, tmp_path / "hf", full=True, max_shard_size="30KB", seed=4)
+    capsys.readouterr()
+    assert convert_main([os.fspath(tmp_path / "hf"), os.fspath(tmp_path / "gj")]) == 0
+    captured = capsys.readouterr()
+    assert "reading" in captured.err and "shards" in captured.err and "tensor" in captured.err
+    assert "wrote" in captured.out
+
+
+def test_missing_encoder_shard_is_named(tmp_path):
+    make_hf_checkpoint(CFG, tmp_path / "hf", full=True, max_shard_size="30KB", seed=4)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["encoder.layers.1.post_norm.weight"]
+    os.remove(tmp_path / "hf" / shard)
+    rc, err = _run_cli(tmp_path / "hf", tmp_path / "gj")
+    assert rc == 1 and shard in err and "not there" in err

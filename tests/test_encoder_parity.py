@@ -101,3 +101,18 @@ def test_hf_directory_loads_directly(tmp_path):
     x = np.random.default_rng(5).standard_normal((1, 19, TINY.input_dim)).astype(np.float32)
     assert rel_err(model.encode_features(x), torch_encode(ref, x)) < TOL
     assert model.provenance["source_prefix"] == ""
+
+
+def test_bfloat16_load_runs_close_to_fp32(tmp_path):
+    """`load(..., dtype="bfloat16")` computes in bf16 (softmax in fp32); a coarse check until the bf16 mode
+    gets its measured error budget."""
+    ref = make_hf_checkpoint(TINY, tmp_path / "hf", seed=12)
+    convert_cli(tmp_path / "hf", tmp_path / "gj")
+    model = granite_jax.load(tmp_path / "gj", dtype="bfloat16")
+    x = np.random.default_rng(6).standard_normal((2, 21, TINY.input_dim)).astype(np.float32)
+    got = model.encode_features(x, lengths=[21, 9])
+    assert got.dtype == np.dtype("bfloat16")
+    want = torch_encode(ref, x[:1])
+    assert rel_err(np.asarray(got[:1], np.float32), want) < 5e-2
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        granite_jax.load(tmp_path / "gj", dtype="int32")

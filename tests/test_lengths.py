@@ -127,3 +127,21 @@ def test_bad_input_is_named(pair, features, lengths, match):
     _, model = pair
     with pytest.raises(ValueError, match=match):
         model.encode_features(features, lengths=lengths)
+
+
+def test_updates_to_the_module_are_seen_without_recompiling(pair):
+    """`encode_features` reads the module's current variables (fine-tuning, surgery) on every call."""
+    _, model = pair
+    x = np.random.default_rng(4).standard_normal((1, 16, CFG.input_dim)).astype(np.float32)
+    before = np.asarray(model.encode_features(x))
+    n = model.num_compilations
+    bias = model.model.out_mid.bias
+    old = bias[...]
+    try:
+        bias.set_value(old + 1.0)
+        after = np.asarray(model.encode_features(x))
+    finally:
+        bias.set_value(old)
+    assert np.abs(after - before).max() > 1e-2
+    assert model.num_compilations == n
+    np.testing.assert_array_equal(np.asarray(model.encode_features(x)), before)

@@ -1,0 +1,488 @@
+"""Side-by-side CPU benchmark: granite_jax `encode_features` vs the Hugging Face torch `GraniteSpeechCTCEncoder`.
+
+Both sides run the same weights (a perturbed random HF checkpoint, converted once to granite_jax format) on the
+same random features. Every (side, case) pair runs in its own fresh subprocess, so that peak RSS is per side and
+per case. The parent process itself stays lean (numpy only; the checkpoint is made in a subprocess too): a child's
+ru_maxrss starts at its parent's peak RSS (Linux carries it over fork/vfork + exec). Usage:
+
+    python benchmarks/bench_encoder.py                                  # production config, default cases
+    python benchmarks/bench_encoder.py --layers 2 --cases 10s,8x30s --runs 2   # quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+FRAMES_PER_SECOND = 50  # encoder input frames per second of audio
+INPUT_DIM = 160
+SEED = 0
+CASES: dict[str, tuple[int, int]] = {  # name -> (batch, seconds of audio per row)
+    "10s": (1, 10),
+    "30s": (1, 30),
+    "120s": (1, 120),
+    "8x30s": (8, 30),
+    "600s": (1, 600),
+}
+DEFAULT_CASES = ("10s", "30s", "120s", "8x30s")
+CHECK_CASE = "10s"  # the case whose outputs are compared between torch and jax
+SIDES = ("torch", "jax")
+GB = 1024**3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# helpers shared by parent and workers
+# ------------------------------------------------------------------------------------------------------------------
+def case_features(name: str) -> np.ndarray:
+    """The (B, seconds * 50, 160) float32 standard-normal input of a case (same in every process)."""
+    batch, seconds = CASES[name]
+    rng = np.random.default_rng(SEED)
+    return rng.standard_normal((batch, seconds * FRAMES_PER_SECOND, INPUT_DIM), dtype=np.float32)
+
+
+def audio_seconds(name: str) -> float:
+    """Total seconds of audio in a case (all rows)."""
+    batch, seconds = CASES[name]
+    return float(batch * seconds)
+
+
+def memory_status() -> dict[str, int]:
+    """VmRSS (resident now), RssAnon, RssFile (file-backed, e.g. mmapped weights), VmHWM (peak) in bytes."""
+    keys = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+    out = dict.fromkeys(keys, 0)
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in out:
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (VmRSS)."""
+    return memory_status()["VmRSS"]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (or platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def version(dist: str) -> str:
+    """Installed version of a distribution, or 'n/a'."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "n/a"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# workers (one fresh process per side per case)
+# ------------------------------------------------------------------------------------------------------------------
+def _time_calls(fn: Any, n: int) -> list[float]:
+    """Wall seconds of `n` calls of `fn`."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker(side: str, case: str, ckpt: str, *, runs: int, warmup: int, save: str | None, buckets: str) -> dict:
+    """Load one side's encoder from `ckpt`, time it on `case`, return the measurements."""
+    features = case_features(case)
+    rss_start = current_rss_bytes()
+    last: dict[str, np.ndarray] = {}
+
+    if side == "torch":
+        import torch
+        from transformers import GraniteSpeechCTCEncoder
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        rss_import = current_rss_bytes()
+        t0 = time.perf_counter()
+        model = GraniteSpeechCTCEncoder.from_pretrained(ckpt, dtype=torch.float32).eval()
+        # transformers maps the safetensors file lazily: touch every tensor so that the weights are resident
+        # (as they are after the first forward) before the weights-only RSS is taken.
+        with torch.inference_mode():
+            for t in (*model.parameters(), *model.buffers()):
+                t.sum()
+        load_s = time.perf_counter() - t0
+        x = torch.from_numpy(features)
+
+        def call() -> None:
+            with torch.inference_mode():
+                last["out"] = model(x).last_hidden_state
+
+        def to_numpy() -> np.ndarray:
+            return last["out"].numpy()
+
+        extra = {"torch_threads": torch.get_num_threads(), "backend": "torch cpu"}
+    elif side == "jax":
+        import jax
+        from flax import nnx
+
+        import granite_jax
+
+        rss_import = current_rss_bytes()
+        t0 = time.perf_counter()
+        model = granite_jax.load(ckpt, buckets=buckets)
+        jax.block_until_ready(nnx.state(model.model))
+        load_s = time.perf_counter() - t0
+
+        def call() -> None:
+            last["out"] = jax.block_until_ready(model.encode_features(features))
+
+        def to_numpy() -> np.ndarray:
+            return np.asarray(last["out"])
+
+        extra = {
+            "backend": f"jax {jax.default_backend()} ({jax.devices()[0].device_kind})",
+            "padded_frames": model.bucket_frames(features.shape[1]) if hasattr(model, "bucket_frames") else None,
+        }
+    else:
+        raise ValueError(f"unknown side {side!r}")
+
+    mem_loaded = memory_status()
+    peak_loaded = peak_rss_bytes()
+
+    # The first call is timed on its own: for jax it includes tracing + XLA compilation.
+    first_s = _time_calls(call, 1)[0]
+    warm_s = _time_calls(call, max(warmup - 1, 0))
+    times = _time_calls(call, runs)
+    out = to_numpy()
+    median = statistics.median(times)
+    if side == "jax":
+        extra["num_compilations"] = model.num_compilations
+    if save:
+        np.save(save, out)
+    return {
+        "side": side,
+        "case": case,
+        "batch": features.shape[0],
+        "frames": features.shape[1],
+        "audio_s": audio_seconds(case),
+        "output_shape": list(out.shape),
+        "finite": bool(np.isfinite(out).all()),
+        "load_s": load_s,
+        "first_s": first_s,
+        "compile_s": first_s - median,
+        "warmup_s": warm_s,
+        "times_s": times,
+        "median_s": median,
+        "min_s": min(times),
+        "max_s": max(times),
+        "rtf": median / audio_seconds(case),
+        "rss_start_bytes": rss_start,
+        "rss_import_bytes": rss_import,
+        "rss_loaded_bytes": mem_loaded["VmRSS"],
+        "rss_loaded_anon_bytes": mem_loaded["RssAnon"],
+        "rss_loaded_file_bytes": mem_loaded["RssFile"],
+        "peak_rss_loaded_bytes": peak_loaded,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "vm_hwm_bytes": memory_status()["VmHWM"],
+        **extra,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# parent
+# ------------------------------------------------------------------------------------------------------------------
+def prepare(directory: str, layers: int | None) -> dict:
+    """Save the random HF checkpoint as `directory`/hf and its granite_jax conversion as `directory`/granite_jax."""
+    from granite_jax.convert.convert import convert_checkpoint
+
+    from granite_jax.config import PRODUCTION
+    from granite_jax.reference import make_hf_checkpoint
+
+    cfg = PRODUCTION if layers is None else dataclasses.replace(PRODUCTION, num_layers=layers)
+    t0 = time.perf_counter()
+    ref = make_hf_checkpoint(cfg, os.path.join(directory, "hf"), seed=SEED)
+    n_params = sum(p.numel() for p in ref.parameters())
+    del ref
+    gc.collect()
+    convert_checkpoint(os.path.join(directory, "hf"), os.path.join(directory, "granite_jax"))
+    return {"config": dataclasses.asdict(cfg), "n_params": n_params, "prepare_s": time.perf_counter() - t0}
+
+
+def _run_json(cmd: list[str], what: str) -> dict:
+    """Run a subprocess of this script; return the last JSON line of its stdout, or {'error': ...}."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+        how = f"exit status {proc.returncode}" if proc.returncode >= 0 else f"killed by signal {-proc.returncode}"
+        msg = f"{what} failed ({how}); stderr tail:\n{tail or '(empty)'}"
+        print(f"\nERROR: {msg}\n", file=sys.stderr, flush=True)
+        return {"error": msg}
+    return json.loads(lines[-1])
+
+
+def run_worker(side: str, case: str, ckpt: str, args: argparse.Namespace, save: str | None) -> dict:
+    """Run one worker subprocess; return its JSON result, or {'error': ...} if it failed."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--case", case, "--ckpt", ckpt]
+    cmd += ["--runs", str(args.runs), "--warmup", str(args.warmup), "--jax-buckets", args.jax_buckets]
+    if save:
+        cmd += ["--save", save]
+    t0 = time.perf_counter()
+    result = _run_json(cmd, f"{side} worker for case {case}")
+    result.update(side=side, case=case, process_wall_s=time.perf_counter() - t0)
+    return result
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f}"
+
+
+def _timing(r: dict) -> str:
+    if "error" in r:
+        return "FAILED"
+    return f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f})"
+
+
+def format_table(results: dict[str, dict[str, dict]]) -> str:
+    """The markdown results table, one row per case."""
+    head = (
+        "| case | torch median s (min-max) | jax median s (min-max) | speed-up (torch/jax) | torch RTF | jax RTF "
+        "| jax compile s | torch peak RSS GB | jax peak RSS GB | RSS ratio (jax/torch) |"
+    )
+    rows = [head, "|" + "---|" * 10]
+    for case, sides in results.items():
+        t, j = sides["torch"], sides["jax"]
+        ok_t, ok_j = "error" not in t, "error" not in j
+        na = "n/a"
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    case,
+                    _timing(t),
+                    _timing(j),
+                    f"{t['median_s'] / j['median_s']:.2f}x" if ok_t and ok_j else na,
+                    f"{t['rtf']:.4f}" if ok_t else na,
+                    f"{j['rtf']:.4f}" if ok_j else na,
+                    f"{j['compile_s']:.1f}" if ok_j else na,
+                    _gb(t["peak_rss_bytes"]) if ok_t else na,
+                    _gb(j["peak_rss_bytes"]) if ok_j else na,
+                    f"{j['peak_rss_bytes'] / t['peak_rss_bytes']:.2f}" if ok_t and ok_j else na,
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def format_memory(results: dict[str, dict[str, dict]]) -> list[str]:
+    """Weights-only RSS lines: RSS after imports and after loading, per side (from the first case that ran)."""
+    lines = []
+    for side in SIDES:
+        r = next((s[side] for s in results.values() if "error" not in s[side]), None)
+        if r is None:
+            continue
+        lines.append(
+            f"- {side} weights-only RSS: {_gb(r['rss_loaded_bytes'])} GB after load "
+            f"(imports alone {_gb(r['rss_import_bytes'])} GB, so weights ~"
+            f"{_gb(r['rss_loaded_bytes'] - r['rss_import_bytes'])} GB; anon {_gb(r['rss_loaded_anon_bytes'])} + "
+            f"file-backed {_gb(r['rss_loaded_file_bytes'])} GB; peak while loading "
+            f"{_gb(r['peak_rss_loaded_bytes'])} GB; load {r['load_s']:.1f} s)"
+        )
+    return lines
+
+
+def compare_outputs(torch_npy: str, jax_npy: str) -> dict[str, float]:
+    """max|jax - torch| / max|torch| (and the plain max|diff|) of the saved outputs."""
+    ref, got = np.load(torch_npy), np.load(jax_npy)
+    if ref.shape != got.shape:
+        raise ValueError(f"output shapes differ: torch {ref.shape}, jax {got.shape}")
+    diff = float(np.max(np.abs(got.astype(np.float64) - ref)))
+    return {"max_abs_diff": diff, "rel_err": diff / float(np.max(np.abs(ref)))}
+
+
+def parse_cases(spec: str) -> list[str]:
+    names = [c.strip() for c in spec.split(",") if c.strip()]
+    bad = [c for c in names if c not in CASES]
+    if bad or not names:
+        raise SystemExit(f"unknown case(s) {bad or spec!r}; choose from {', '.join(CASES)}")
+    return names
+
+
+def main_parent(args: argparse.Namespace) -> int:
+    """Make the checkpoint, run every (case, side) worker, print the table. Returns the exit status."""
+    cases = parse_cases(args.cases)
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": version("jax"),
+        "jaxlib": version("jaxlib"),
+        "flax": version("flax"),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "jax_buckets": args.jax_buckets,
+        "loadavg_start": os.getloadavg(),
+    }
+    print(f"# granite_jax vs transformers encoder benchmark ({'production' if args.layers is None else 'reduced'})")
+    print(f"- CPU: {info['cpu']}, {info['cores']} cores (os.cpu_count)")
+    print(
+        f"- jax {info['jax']} (jaxlib {info['jaxlib']}, flax {info['flax']}), torch {info['torch']}, "
+        f"transformers {info['transformers']}, python {info['python']}"
+    )
+    print(f"- {args.warmup} warm-up + {args.runs} timed runs per case; each side and case in a fresh process")
+    load1 = info["loadavg_start"][0]
+    busy = " (WARNING: the machine is busy; timings will be noisy)" if load1 > 0.5 else ""
+    print(f"- load average at start: {load1:.2f}{busy}")
+
+    results: dict[str, dict[str, dict]] = {}
+    check: dict[str, float] | None = None
+    with tempfile.TemporaryDirectory(prefix="granite_bench_") as tmp:
+        hf_dir, jax_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "granite_jax")
+        cmd = [sys.executable, os.path.abspath(__file__), "--prepare", tmp]
+        prep = _run_json(
+            cmd + ([] if args.layers is None else ["--layers", str(args.layers)]), "checkpoint preparation"
+        )
+        if "error" in prep:
+            return 1
+        info.update(prep)
+        c, n_params = prep["config"], prep["n_params"]
+        print(
+            f"- encoder: {c['num_layers']} layers x {c['hidden_dim']} wide, {c['num_heads']} heads x {c['dim_head']}, "
+            f"ff x{c['feedforward_mult']}, context {c['context_size']}, conv kernel {c['conv_kernel_size']}, "
+            f"output_dim {c['output_dim']}, float32"
+        )
+        print(f"- weights: {n_params / 1e6:.1f}M parameters ({n_params * 4 / GB:.2f} GB fp32)")
+        print(f"- checkpoint made and converted in {prep['prepare_s']:.1f} s (in a subprocess)", flush=True)
+
+        for case in cases:
+            results[case] = {}
+            for side in SIDES:
+                save = os.path.join(tmp, f"{side}_{case}.npy") if args.check and case == CHECK_CASE else None
+                ckpt = hf_dir if side == "torch" else jax_dir
+                print(f"  running {side:5s} {case} ...", end="", file=sys.stderr, flush=True)
+                r = run_worker(side, case, ckpt, args, save)
+                results[case][side] = r
+                if "error" not in r:
+                    print(f" median {r['median_s']:.3f} s", file=sys.stderr, flush=True)
+                    if not r["finite"]:
+                        print(f"WARNING: {side} output for {case} is not finite", file=sys.stderr)
+        if args.check and CHECK_CASE in results and all("error" not in r for r in results[CHECK_CASE].values()):
+            check = compare_outputs(*(os.path.join(tmp, f"{s}_{CHECK_CASE}.npy") for s in SIDES))
+
+    info["loadavg_end"] = os.getloadavg()
+    backend = next((s["jax"]["backend"] for s in results.values() if "error" not in s["jax"]), None)
+    if backend:
+        print(f"- jax backend: {backend}")
+    print(*format_memory(results), sep="\n")
+    print()
+    print(format_table(results))
+    print()
+    padded = [
+        f"{c} {s['jax']['frames']}->{s['jax']['padded_frames']}" for c, s in results.items() if "error" not in s["jax"]
+    ]
+    print(f"jax pads frames to a length bucket ({args.jax_buckets!r}): {', '.join(padded)}.")
+    print("RTF = median seconds / seconds of audio (all rows). jax compile s = first call - median steady call.")
+    non_finite = [f"{c}/{side}" for c, s in results.items() for side, r in s.items() if r.get("finite") is False]
+    if non_finite:
+        print(f"NOT FINITE outputs: {', '.join(non_finite)}")
+    if check is not None:
+        print(
+            f"check ({CHECK_CASE}): max|jax - torch| / max|torch| = {check['rel_err']:.2e} "
+            f"(max|diff| = {check['max_abs_diff']:.2e})"
+        )
+    failed = [f"{c}/{side}" for c, s in results.items() for side, r in s.items() if "error" in r]
+    if failed:
+        print(f"FAILED workers: {', '.join(failed)} (see the errors above)")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results, "check": check}, f, indent=2)
+        print(f"raw results written to {args.json}")
+    return 1 if failed or non_finite else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=None, help="encoder depth (default: production, 16)")
+    p.add_argument(
+        "--cases",
+        default=",".join(DEFAULT_CASES),
+        help=f"comma-separated cases from {', '.join(CASES)} (default: {','.join(DEFAULT_CASES)})",
+    )
+    p.add_argument("--runs", type=int, default=3, help="timed runs per case (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per case, the first call included (default 1)")
+    p.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"compare jax vs torch outputs on the {CHECK_CASE} case (default on)",
+    )
+    p.add_argument("--jax-buckets", default="auto", choices=("auto", "block"), help="granite_jax length buckets")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the raw results as JSON")
+    # internal: one worker process
+    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=tuple(CASES), help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    p.add_argument("--prepare", metavar="DIR", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (the first call is always a warm-up)")
+    if args.layers is not None and args.layers < 0:
+        p.error("--layers must be non-negative")
+    if args.worker and not (args.case and args.ckpt):
+        p.error("--worker needs --case and --ckpt")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.prepare:
+        print(json.dumps(prepare(args.prepare, args.layers)), flush=True)
+        return
+    if args.worker:
+        result = worker(
+            args.worker,
+            args.case,
+            args.ckpt,
+            runs=args.runs,
+            warmup=args.warmup,
+            save=args.save,
+            buckets=args.jax_buckets,
+        )
+        print(json.dumps(result), flush=True)
+        return
+    sys.exit(main_parent(args))
+
+
+if __name__ == "__main__":
+    main()
