@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -120,7 +122,8 @@ fig.colorbar(im, ax=axes[0])
 for i, n in enumerate(norms, start=1):
     axes[1].plot(n, lw=0.8, label=f"block {i}")
 axes[1].set(title="per-frame activation norm by block", xlabel="frame", ylabel="L2 norm")
-axes[1].axvline(cfg.context_size, color="k", ls=":", lw=0.8)
+for boundary in range(cfg.context_size, len(norms[0]), cfg.context_size):
+    axes[1].axvline(boundary, color="k", ls=":", lw=0.8)  # attention block boundaries
 if len(norms) <= 4:
     axes[1].legend()
 fig.tight_layout()
