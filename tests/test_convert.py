@@ -271,3 +271,21 @@ def test_missing_encoder_shard_is_named(tmp_path):
     os.remove(tmp_path / "hf" / shard)
     rc, err = _run_cli(tmp_path / "hf", tmp_path / "gj")
     assert rc == 1 and shard in err and "not there" in err
+
+
+def test_float16_source(tmp_path):
+    ref = make_hf_checkpoint(CFG, tmp_path / "hf", dtype="float16", seed=13)
+    convert_cli(tmp_path / "hf", tmp_path / "gj")
+    assert json.loads((tmp_path / "gj" / "granite_jax.json").read_text())["source_dtype"] == "float16"
+    x = np.random.default_rng(9).standard_normal((1, 11, CFG.input_dim)).astype(np.float32)
+    assert rel_err(granite_jax.load(tmp_path / "gj").encode_features(x), torch_encode(ref, x)) < 1e-4
+
+
+def test_pytorch_model_bin_without_torch_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    make_hf_checkpoint(CFG, tmp_path / "st", seed=6)
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    rc, err = _run_cli(tmp_path / "bin", tmp_path / "gj")
+    assert rc == 1 and "needs torch" in err and "pytorch_model.bin" in err
