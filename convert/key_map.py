@@ -1,4 +1,7 @@
-"""The HF encoder key table: regex -> (NNX path template, transform), with its inverse.
+"""The HF encoder key table: HF key pattern -> (NNX path, transform), used in both directions.
+
+Patterns name their variable parts (`layers.{i}.{ff}.up_proj.weight`); each row compiles to a regex
+each way, so the same table converts HF -> NNX and back (round trips).
 
 Every source key must match exactly one row and every NNX parameter must be filled exactly once;
 anything else raises `ConversionError` naming the keys (bonsai only warns; we refuse).
