@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import jax
+# On a GPU, pytest-xdist workers (and the subprocesses some tests start) share the device: do not let
+# each one preallocate most of its memory. Must be set before jax is imported.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
