@@ -16,6 +16,7 @@ TOL = 1e-4  # of max |reference|, fp32
 
 CONFIGS = {
     "tiny": TINY,
+    "zero_layers": dataclasses.replace(TINY, num_layers=0, cat_hidden_layers=(0,)),
     "one_layer": dataclasses.replace(TINY, num_layers=1),  # num_layers // 2 == 0: no self-conditioning
     "two_layers": dataclasses.replace(TINY, num_layers=2),  # self-conditioning after block 1
     "five_layers_even_kernel": dataclasses.replace(TINY, num_layers=5, conv_kernel_size=4),
