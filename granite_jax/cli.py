@@ -27,14 +27,12 @@ def demo(layers: int, seconds: float, runs: int, batch: int) -> int:
     import granite_jax
     from granite_jax.config import PRODUCTION
     from granite_jax.convert.convert import convert_checkpoint
-    from granite_jax.reference import make_hf_checkpoint
+    from granite_jax.reference import _require_torch, make_hf_checkpoint
 
     try:
-        import torch
-    except ImportError:
-        print(
-            "granite-jax demo compares against the torch reference: pip install 'granite-jax[torch]'", file=sys.stderr
-        )
+        torch, _ = _require_torch()
+    except ImportError as e:
+        print(f"granite-jax demo compares against the torch reference: {e}", file=sys.stderr)
         return 1
     cfg = dataclasses.replace(PRODUCTION, num_layers=layers)
     frames = max(1, round(seconds * 50))

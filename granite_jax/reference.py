@@ -6,6 +6,7 @@ Used by the tests, `granite-jax demo` and the benchmarks. Needs torch and transf
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from typing import Any
@@ -14,14 +15,13 @@ from granite_jax.config import EncoderConfig
 
 
 def _require_torch():
+    """(torch, transformers), imported on first use so that the library itself never needs them."""
     try:
-        import torch
-        import transformers
+        return importlib.import_module("torch"), importlib.import_module("transformers")
     except ImportError as e:
         raise ImportError(
             f"this needs the PyTorch reference ({e.name} is missing): pip install 'granite-jax[torch]'"
         ) from None
-    return torch, transformers
 
 
 def hf_encoder_config(cfg: EncoderConfig):

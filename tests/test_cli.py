@@ -33,3 +33,30 @@ def test_demo_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--layers", "0"])
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_runtime_needs_no_torch(tmp_path):
+    """Converting, loading and encoding work with torch and transformers unimportable."""
+    make_hf_checkpoint(TINY, tmp_path / "hf")
+    code = f"""
+import sys
+sys.modules["torch"] = None
+sys.modules["transformers"] = None
+import numpy as np
+import granite_jax
+from granite_jax.convert.cli import main
+assert main([{str(tmp_path / "hf")!r}, {str(tmp_path / "gj")!r}, "--quiet"]) == 0
+m = granite_jax.load({str(tmp_path / "gj")!r})
+h = m.encode_features(np.zeros((1, 9, {TINY.input_dim}), np.float32))
+assert h.shape == (1, 9, {TINY.hidden_dim}), h.shape
+assert "torch" not in {{k for k, v in sys.modules.items() if v is not None}}
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_demo_without_torch_explains(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert main(["demo", "--layers", "1", "--seconds", "1"]) == 1
+    assert "granite-jax[torch]" in capsys.readouterr().err
