@@ -15,7 +15,8 @@ from granite_jax.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="granite-jax-convert",
-        description="Convert the encoder of a Hugging Face Granite Speech checkpoint to granite_jax's format.",
+        description="Convert the encoder (and the audio projector, for a whole model) of a Hugging Face Granite "
+        "Speech checkpoint to granite_jax's format.",
     )
     p.add_argument("src", help="HF checkpoint directory (config.json + safetensors) or hub id (org/name)")
     p.add_argument("dst", help="output directory (created atomically)")
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"granite-jax-convert: error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
-        print(f"wrote {args.dst} ({prov['dtype']}, from {prov['source']})")
+        what = "encoder + projector" if "source_projector_prefix" in prov else "encoder"
+        print(f"wrote {args.dst} ({what}, {prov['dtype']}, from {prov['source']})")
     return 0
 
 

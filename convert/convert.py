@@ -6,11 +6,12 @@ import os
 from typing import Any
 
 import numpy as np
-from granite_jax.convert.key_map import ConversionError, hf_to_flax
+from granite_jax.convert.key_map import PROJECTOR_KEYS, ConversionError, hf_to_flax
 from granite_jax.convert.sources import open_hf_checkpoint
 
 from granite_jax import checkpoint
-from granite_jax.config import EncoderConfig
+from granite_jax.checkpoint import Converted
+from granite_jax.config import EncoderConfig, ProjectorConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -25,28 +26,55 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-def convert_hf(
-    src: str, *, dtype: str = "float32", progress: bool = False, revision: str | None = None
-) -> tuple[EncoderConfig, dict[str, np.ndarray], dict[str, Any]]:
-    """Read the encoder of an HF checkpoint (directory or hub id) as (config, {nnx path: array}, provenance)."""
+def _expected(abstract: dict, target: np.dtype) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{nnx path: (shape, stored dtype)}: floating variables in `target`, counters keep their dtype."""
+    return {
+        k: (tuple(v.shape), target if np.issubdtype(v.dtype, np.floating) else np.dtype(v.dtype))
+        for k, v in abstract.items()
+    }
+
+
+def convert_hf(src: str, *, dtype: str = "float32", progress: bool = False, revision: str | None = None) -> Converted:
+    """Read the encoder (and the projector, when the config has one) of an HF checkpoint (directory or hub id).
+
+    Returns `Converted(config, {nnx path: array}, provenance, projector_config, projector_params)`; the
+    projector fields are None for a bare encoder. `dtype` is the stored dtype of every floating parameter.
+    """
     from granite_jax.convert import CONVERTER_VERSION
 
     from granite_jax.modeling import abstract_params
+    from granite_jax.projector import abstract_projector_params
 
     target = _np_dtype(dtype)
     with open_hf_checkpoint(src, revision=revision) as ckpt:
         config = EncoderConfig.from_hf_config(ckpt.config)
-        expected = {
-            k: (tuple(v.shape), target if np.issubdtype(v.dtype, np.floating) else np.dtype(v.dtype))
-            for k, v in abstract_params(config).items()
-        }
+        pcfg = ProjectorConfig.from_hf_config(ckpt.config)
+        if pcfg is not None and pcfg.encoder_hidden_size != config.output_width:
+            raise ConversionError(
+                f"{src}: the projector's encoder_hidden_size ({pcfg.encoder_hidden_size}) is not the encoder's "
+                f"output width ({config.output_width} = hidden_dim {config.hidden_dim} x "
+                f"{len(config.exported_layers) + 1} for layers {list(config.exported_layers)} + the last)"
+            )
+        expected = _expected(abstract_params(config), target)
+        files = ckpt.needed_files
         bar = None
-        if progress and len(ckpt.encoder_files) > 1:
+        if progress and len(files) > 1:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(ckpt.encoder_keys), unit="tensor", desc=f"reading {len(ckpt.encoder_files)} shards")
+            total = len(ckpt.encoder_keys) + len(ckpt.projector_keys)
+            bar = tqdm(total=total, unit="tensor", desc=f"reading {len(files)} shards")
+        tick = bar and (lambda _: bar.update())
         try:
-            params = hf_to_flax(ckpt.encoder_keys, ckpt.read, expected, on_tensor=bar and (lambda _: bar.update()))
+            params = hf_to_flax(ckpt.encoder_keys, ckpt.read, expected, on_tensor=tick)
+            projector_params = None
+            if pcfg is not None:
+                projector_params = hf_to_flax(
+                    ckpt.projector_keys,
+                    ckpt.read_projector,
+                    _expected(abstract_projector_params(pcfg), target),
+                    table=PROJECTOR_KEYS,
+                    on_tensor=tick,
+                )
         finally:
             if bar is not None:
                 bar.close()
@@ -58,7 +86,9 @@ def convert_hf(
         "dtype": dtype,
         "converter_version": CONVERTER_VERSION,
     }
-    return config, params, provenance
+    if pcfg is not None:
+        provenance["source_projector_prefix"] = ckpt.projector_prefix
+    return Converted(config, params, provenance, pcfg, projector_params)
 
 
 def convert_checkpoint(
@@ -67,6 +97,14 @@ def convert_checkpoint(
     """Convert SRC (HF) into DST (granite_jax), atomically. Returns the provenance written."""
     if os.path.exists(dst) and not overwrite:
         raise checkpoint.CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
-    config, params, provenance = convert_hf(src, dtype=dtype, progress=progress)
-    checkpoint.save(dst, config, params, provenance, overwrite=overwrite)
-    return provenance
+    conv = convert_hf(src, dtype=dtype, progress=progress)
+    checkpoint.save(
+        dst,
+        conv.config,
+        conv.params,
+        conv.provenance,
+        overwrite=overwrite,
+        projector_config=conv.projector_config,
+        projector_params=conv.projector_params,
+    )
+    return conv.provenance

@@ -1,5 +1,7 @@
-"""The HF encoder key table: HF key pattern -> (NNX path, transform), used in both directions.
+"""The HF key tables: HF key pattern -> (NNX path, transform), used in both directions.
 
+Two tables: the encoder's (`ENCODER_KEYS`, keys relative to `encoder.`) and the projector's
+(`PROJECTOR_KEYS`, keys relative to `projector.`: a BLIP-2 Q-Former, a learned query, a linear map).
 Patterns name their variable parts (`layers.{i}.{ff}.up_proj.weight`); each row compiles to a regex
 each way, so the same table converts HF -> NNX and back (round trips).
 
@@ -17,7 +19,7 @@ import numpy as np
 
 
 class ConversionError(ValueError):
-    """A checkpoint that does not match the encoder config: names every offending key."""
+    """A checkpoint that does not match the encoder (or projector) config: names every offending key."""
 
 
 @dataclass(frozen=True)
@@ -75,27 +77,81 @@ KEY_TABLE: tuple[tuple[str, str, Transform], ...] = (
 )
 
 
-def _compile(template: str) -> re.Pattern:
+# The projector (GraniteSpeechEncoderProjector): `query`, a BLIP-2 Q-Former, `linear`. Every Linear is
+# weight -> kernel (transposed) and every LayerNorm weight -> scale; nothing else is renamed.
+_PROJECTOR_GROUPS = {
+    "i": r"\d+",
+    "att": r"attention|crossattention",  # self-attention / cross-attention blocks of a Q-Former layer
+    "qkv": r"query|key|value",
+    "ffn": r"intermediate|intermediate_query",  # the dense before hidden_act
+    "out": r"output|output_query",  # dense + LayerNorm after it
+}
+_LAYER = "qformer.encoder.layer.{i}"
+PROJECTOR_KEY_TABLE: tuple[tuple[str, str, Transform], ...] = (
+    ("query", "query", IDENTITY),  # (1, num_queries, hidden_size), the learned queries
+    ("linear.weight", "linear.kernel", LINEAR),
+    ("linear.bias", "linear.bias", IDENTITY),
+    ("qformer.layernorm.weight", "qformer.layernorm.scale", IDENTITY),
+    ("qformer.layernorm.bias", "qformer.layernorm.bias", IDENTITY),
+    (_LAYER + ".{att}.attention.{qkv}.weight", _LAYER + ".{att}.attention.{qkv}.kernel", LINEAR),
+    (_LAYER + ".{att}.attention.{qkv}.bias", _LAYER + ".{att}.attention.{qkv}.bias", IDENTITY),
+    (_LAYER + ".{att}.output.dense.weight", _LAYER + ".{att}.output.dense.kernel", LINEAR),
+    (_LAYER + ".{att}.output.dense.bias", _LAYER + ".{att}.output.dense.bias", IDENTITY),
+    (_LAYER + ".{att}.output.LayerNorm.weight", _LAYER + ".{att}.output.LayerNorm.scale", IDENTITY),
+    (_LAYER + ".{att}.output.LayerNorm.bias", _LAYER + ".{att}.output.LayerNorm.bias", IDENTITY),
+    (_LAYER + ".{ffn}.dense.weight", _LAYER + ".{ffn}.dense.kernel", LINEAR),
+    (_LAYER + ".{ffn}.dense.bias", _LAYER + ".{ffn}.dense.bias", IDENTITY),
+    (_LAYER + ".{out}.dense.weight", _LAYER + ".{out}.dense.kernel", LINEAR),
+    (_LAYER + ".{out}.dense.bias", _LAYER + ".{out}.dense.bias", IDENTITY),
+    (_LAYER + ".{out}.LayerNorm.weight", _LAYER + ".{out}.LayerNorm.scale", IDENTITY),
+    (_LAYER + ".{out}.LayerNorm.bias", _LAYER + ".{out}.LayerNorm.bias", IDENTITY),
+)
+
+
+def _compile(template: str, groups: Mapping[str, str]) -> re.Pattern:
     parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
-    return re.compile("".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{_GROUPS[p]})" for k, p in enumerate(parts)))
+    return re.compile("".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{groups[p]})" for k, p in enumerate(parts)))
 
 
-# Each row compiled both ways: (from-pattern, to-template, transform)
-_FORWARD = tuple((_compile(s), t, tf) for s, t, tf in KEY_TABLE)
-_BACKWARD = tuple((_compile(t), s, tf) for s, t, tf in KEY_TABLE)
+class KeyTable:
+    """One table's rows compiled both ways: HF key -> (NNX path, transform) and NNX path -> HF key.
+
+    `name` ("encoder", "projector") is what error messages call the tensors.
+    """
+
+    def __init__(self, name: str, rows: tuple[tuple[str, str, Transform], ...], groups: Mapping[str, str]):
+        self.name = name
+        self.rows = rows
+        self._forward = tuple((_compile(s, groups), t, tf) for s, t, tf in rows)
+        self._backward = tuple((_compile(t, groups), s, tf) for s, t, tf in rows)
+
+    @staticmethod
+    def _lookup(rules, key: str) -> tuple[str, Transform] | None:
+        for pattern, template, transform in rules:
+            m = pattern.fullmatch(key)
+            if m:
+                return template.format(**m.groupdict()), transform
+        return None
+
+    def map_key(self, source_key: str) -> tuple[str, Transform] | None:
+        """The NNX path and transform for one HF key (relative to the module), or None."""
+        return self._lookup(self._forward, source_key)
+
+    def hf_key(self, path: str) -> tuple[str, Transform] | None:
+        """The HF key (relative to the module) and transform for one NNX path, or None."""
+        return self._lookup(self._backward, path)
+
+    def __repr__(self) -> str:
+        return f"KeyTable({self.name!r}, {len(self.rows)} rows)"
 
 
-def _lookup(rules, key: str) -> tuple[str, Transform] | None:
-    for pattern, template, transform in rules:
-        m = pattern.fullmatch(key)
-        if m:
-            return template.format(**m.groupdict()), transform
-    return None
+ENCODER_KEYS = KeyTable("encoder", KEY_TABLE, _GROUPS)
+PROJECTOR_KEYS = KeyTable("projector", PROJECTOR_KEY_TABLE, _PROJECTOR_GROUPS)
 
 
 def map_key(source_key: str) -> tuple[str, Transform] | None:
     """The NNX path and transform for one HF encoder key (relative to the encoder), or None."""
-    return _lookup(_FORWARD, source_key)
+    return ENCODER_KEYS.map_key(source_key)
 
 
 def _shape_str(shape: Iterable[int]) -> str:
@@ -107,18 +163,20 @@ def hf_to_flax(
     read: Callable[[str], np.ndarray],
     expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     *,
+    table: KeyTable = ENCODER_KEYS,
     on_tensor: Callable[[str], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Map HF encoder tensors onto NNX paths.
+    """Map HF tensors of one module (the encoder, or the projector with `table=PROJECTOR_KEYS`) onto NNX paths.
 
-    `source_keys` are relative to the encoder; `read(key)` loads one tensor (lazily: only mapped keys
+    `source_keys` are relative to the module; `read(key)` loads one tensor (lazily: only mapped keys
     are read); `expected` is {nnx path: (shape, dtype)} of the model to fill. The result is cast to
     the expected dtypes. Raises `ConversionError` listing unmapped, duplicate, missing and mis-shaped keys.
     """
+    what = table.name
     plan: dict[str, tuple[str, Transform]] = {}
     unmapped, unexpected, duplicates = [], [], []
     for key in sorted(source_keys):
-        hit = map_key(key)
+        hit = table.map_key(key)
         if hit is None:
             unmapped.append(key)
             continue
@@ -132,15 +190,15 @@ def hf_to_flax(
     missing = sorted(set(expected) - set(plan))
     problems = []
     if unmapped:
-        problems.append("encoder tensors with no mapping: " + ", ".join(unmapped))
+        problems.append(f"{what} tensors with no mapping: " + ", ".join(unmapped))
     if unexpected:
-        problems.append("encoder tensors this config has no parameter for: " + ", ".join(unexpected))
+        problems.append(f"{what} tensors this config has no parameter for: " + ", ".join(unexpected))
     if duplicates:
         problems.append("; ".join(duplicates))
     if missing:
         problems.append("parameters not filled by the checkpoint: " + ", ".join(missing))
     if problems:
-        raise ConversionError("checkpoint does not match the encoder config:\n  " + "\n  ".join(problems))
+        raise ConversionError(f"checkpoint does not match the {what} config:\n  " + "\n  ".join(problems))
 
     out: dict[str, np.ndarray] = {}
     mismatched = []
@@ -160,17 +218,23 @@ def hf_to_flax(
         if on_tensor is not None:
             on_tensor(key)
     if mismatched:
-        raise ConversionError("shape mismatch:\n  " + "\n  ".join(mismatched))
+        raise ConversionError(f"{what} shape mismatch:\n  " + "\n  ".join(mismatched))
     return out
 
 
-def flax_to_hf(params: Mapping[str, np.ndarray], *, prefix: str = "") -> dict[str, np.ndarray]:
-    """Inverse of `hf_to_flax`: NNX paths back to HF encoder keys in torch layouts (round trips)."""
+def flax_to_hf(
+    params: Mapping[str, np.ndarray], *, prefix: str = "", table: KeyTable = ENCODER_KEYS
+) -> dict[str, np.ndarray]:
+    """Inverse of `hf_to_flax`: NNX paths back to HF keys in torch layouts (round trips).
+
+    For a whole HF state dict: `flax_to_hf(enc, prefix="encoder.") | flax_to_hf(proj, prefix="projector.",
+    table=PROJECTOR_KEYS)`.
+    """
     out = {}
     for path, value in params.items():
-        hit = _lookup(_BACKWARD, path)
+        hit = table.hf_key(path)
         if hit is None:
-            raise ConversionError(f"no HF key for NNX parameter {path}")
+            raise ConversionError(f"no HF key for NNX {table.name} parameter {path}")
         key, transform = hit
         out[prefix + key] = np.require(transform.inverse(np.asarray(value)), requirements="C")
     return out

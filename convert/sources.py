@@ -1,7 +1,8 @@
 """Lazy readers for HF checkpoints: local directories (safetensors, sharded or not; pytorch_model.bin
 through torch when installed) and hub ids (only the needed files are downloaded).
 
-Only the encoder's tensors are ever read, and only the shards that hold them are opened.
+Only the encoder's tensors (and the projector's, when the config has one) are ever read, and only the
+shards that hold them are opened; `language_model.*` is never touched.
 """
 
 from __future__ import annotations
@@ -20,33 +21,72 @@ from granite_jax.safetensors_file import SafetensorsFile
 # Encoder prefixes, most specific first: published full checkpoints use `encoder.`; transformers'
 # in-memory layout is `model.encoder.`; a bare GraniteSpeechCTCEncoder has none.
 ENCODER_PREFIXES = ("model.encoder.", "encoder.")
+_FULL_MODEL_TYPES = ("granite_speech", "granite_speech_plus")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def has_projector(config: dict[str, Any]) -> bool:
+    """Whether an HF config describes a whole model with an audio projector (not a bare encoder)."""
+    return "projector_config" in config or config.get("model_type") in _FULL_MODEL_TYPES
+
+
+def projector_prefix_for(encoder_prefix: str) -> str:
+    """`encoder.` -> `projector.`, `model.encoder.` -> `model.projector.` (the projector sits beside the encoder)."""
+    return encoder_prefix[: -len("encoder.")] + "projector." if encoder_prefix.endswith("encoder.") else "projector."
 
 
 @dataclass
 class HFCheckpoint:
-    """An opened HF checkpoint: its config dict and lazy access to its encoder tensors."""
+    """An opened HF checkpoint: its config dict and lazy access to its encoder (and projector) tensors.
+
+    `projector_prefix` is None when the config has no projector (a bare encoder).
+    """
 
     source: str
     config: dict[str, Any]
     prefix: str
     weight_map: dict[str, str]  # full key -> file holding it
+    projector_prefix: str | None = None
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
     _torch_state: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def _keys_under(self, prefix: str | None) -> list[str]:
+        if prefix is None:
+            return []
+        n = len(prefix)
+        return sorted(k[n:] for k in self.weight_map if k.startswith(prefix))
 
     @property
     def encoder_keys(self) -> list[str]:
         """Encoder tensor names relative to the encoder (the prefix stripped)."""
-        n = len(self.prefix)
-        return sorted(k[n:] for k in self.weight_map if k.startswith(self.prefix))
+        return self._keys_under(self.prefix)
+
+    @property
+    def projector_keys(self) -> list[str]:
+        """Projector tensor names relative to the projector; empty without one."""
+        return self._keys_under(self.projector_prefix)
 
     @property
     def encoder_files(self) -> list[str]:
         return sorted({self.weight_map[self.prefix + k] for k in self.encoder_keys})
 
+    @property
+    def needed_files(self) -> list[str]:
+        """The weight files holding encoder or projector tensors: the only ones ever opened."""
+        projector = {self.weight_map[self.projector_prefix + k] for k in self.projector_keys}
+        return sorted(set(self.encoder_files) | projector)
+
     def read(self, key: str) -> np.ndarray:
         """One encoder tensor (relative name) as a numpy array in its stored dtype."""
-        full = self.prefix + key
+        return self._read_full(self.prefix + key)
+
+    def read_projector(self, key: str) -> np.ndarray:
+        """One projector tensor (relative name) as a numpy array in its stored dtype."""
+        if self.projector_prefix is None:
+            raise KeyError(f"{self.source} has no projector")
+        return self._read_full(self.projector_prefix + key)
+
+    def _read_full(self, full: str) -> np.ndarray:
         path = self.weight_map[full]
         if path.endswith(".safetensors"):
             if path not in self._handles:
@@ -144,16 +184,26 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
     with open(config_path) as f:
         config = json.load(f)
     weight_map = _weight_map(directory)
-    ckpt = HFCheckpoint(source=src, config=config, prefix=_find_prefix(weight_map, src), weight_map=weight_map)
-    # Only the shards holding encoder tensors must be present (a hub download fetches just those).
-    missing = [os.path.basename(f) for f in ckpt.encoder_files if not os.path.exists(f)]
+    prefix = _find_prefix(weight_map, src)
+    ckpt = HFCheckpoint(
+        source=src,
+        config=config,
+        prefix=prefix,
+        weight_map=weight_map,
+        projector_prefix=projector_prefix_for(prefix) if has_projector(config) else None,
+    )
+    # Only the shards holding encoder (and projector) tensors must be present (a hub download fetches just those).
+    missing = [os.path.basename(f) for f in ckpt.needed_files if not os.path.exists(f)]
     if missing:
-        raise ConversionError(f"{directory}: the index names encoder shards that are not there: {', '.join(missing)}")
+        raise ConversionError(
+            f"{directory}: the index names encoder or projector shards that are not there: {', '.join(missing)}"
+        )
     return ckpt
 
 
 def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
-    """Fetch config.json and only the weight files holding encoder tensors; return the snapshot dir."""
+    """Fetch config.json and only the weight files holding encoder (and projector) tensors; return the
+    snapshot dir."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
@@ -173,7 +223,9 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
             with open(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
             prefix = _find_prefix(weight_map, repo_id)
-            for shard in sorted({v for k, v in weight_map.items() if k.startswith(prefix)}):
+            with open(config_path) as f:
+                wanted = (prefix, projector_prefix_for(prefix)) if has_projector(json.load(f)) else (prefix,)
+            for shard in sorted({v for k, v in weight_map.items() if k.startswith(wanted)}):
                 get(shard)
     except ConversionError:
         raise

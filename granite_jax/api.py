@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -15,7 +15,9 @@ from jaxtyping import Array, Float
 
 from granite_jax import checkpoint
 from granite_jax.config import EncoderConfig
+from granite_jax.features import FeatureConfig, log_mel, num_encoder_frames, prepare_waveforms
 from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params
+from granite_jax.projector import GraniteSpeechProjector, num_audio_embeddings, projector_from_params
 
 
 def _geometric_blocks(n: int) -> int:
@@ -68,51 +70,155 @@ class BucketPolicy:
         return _geometric_blocks(blocks) * context_size
 
 
-class GraniteEncoder:
-    """A Granite Speech encoder ready to run: `encode_features(features, lengths)` under one `jax.jit`.
+class _Bound:
+    """An NNX module split once into its graph and its Variables, for use under `jax.jit`.
 
-    `model` is the NNX module (for probing or fine-tuning); `config` its `EncoderConfig`.
+    Reading the Variables' values per call costs microseconds (nnx.state walks the whole graph: ~20 ms
+    at production size) and still sees every update to them (fine-tuning). Replacing submodules needs
+    a new `GraniteEncoder`.
+    """
+
+    def __init__(self, module: nnx.Module):
+        self.module = module
+        graphdef, state = nnx.split(module)
+        self.graphdef = graphdef
+        self.variables = nnx.to_flat_state(state)
+
+    def values(self) -> list[jax.Array]:
+        return [v.get_value() for _, v in self.variables]
+
+    def merge(self, values) -> nnx.Module:
+        pairs = [(p, v.replace(x)) for (p, v), x in zip(self.variables, values, strict=True)]
+        return nnx.merge(self.graphdef, nnx.from_flat_state(pairs))
+
+
+@dataclass
+class EncodeResult:
+    """What `GraniteEncoder.encode` returns; row i is utterance i, padded to the longest.
+
+    `features` (B, T, 160) log-mel input and `hidden_states` (B, T, output_width) with `lengths` valid
+    frames per row (zeros after); `audio_embeddings` (B, E, llm_hidden_size), the projector output that
+    Granite Speech feeds its language model, with `embedding_counts` valid rows each (HF's
+    audio_embed_sizes); None when the checkpoint has no projector.
+    """
+
+    features: jax.Array
+    hidden_states: jax.Array
+    lengths: np.ndarray
+    audio_embeddings: jax.Array | None = None
+    embedding_counts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def utterance(self, i: int) -> dict[str, np.ndarray]:
+        """Utterance i's valid rows as numpy arrays (hidden_states, and audio_embeddings if any)."""
+        out = {"hidden_states": np.asarray(self.hidden_states[i, : self.lengths[i]])}
+        if self.audio_embeddings is not None:
+            out["audio_embeddings"] = np.asarray(self.audio_embeddings[i, : self.embedding_counts[i]])
+        return out
+
+
+def ctc_greedy_decode(
+    ids: np.ndarray | jax.Array,
+    lengths: Sequence[int] | np.ndarray | None = None,
+    *,
+    id_to_text: Callable[[int], str] = chr,
+    blank: int = 0,
+) -> list[str]:
+    """Greedy CTC: per row, collapse repeated ids, drop `blank`, map the rest with `id_to_text`.
+
+    `ids` (B, T) best ids per frame (argmax of `ctc_logits`); `lengths` valid frames per row.
+    The Granite 4.x character heads map an id to `chr(id)`, the default.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"ids must be (batch, frames), got shape {ids.shape}")
+    lens = [ids.shape[1]] * ids.shape[0] if lengths is None else [int(n) for n in lengths]
+    texts = []
+    for row, n in zip(ids, lens, strict=True):
+        row = row[:n]
+        keep = np.ones(len(row), bool)
+        keep[1:] = row[1:] != row[:-1]
+        texts.append("".join(id_to_text(int(i)) for i in row[keep & (row != blank)]))
+    return texts
+
+
+class GraniteEncoder:
+    """A Granite Speech encoder (and projector, when the checkpoint has one) ready to run under `jax.jit`.
+
+    - `encode(waveforms)`: audio -> log-mel -> encoder -> projector, in one compiled call.
+    - `encode_features(features, lengths)`: log-mel -> encoder hidden states.
+    - `audio_embeddings(hidden_states, lengths)`: the projector (what Granite feeds its LLM).
+    - `ctc_logits(hidden_states)` and `ctc_greedy(...)`: the CTC head.
+    `model` (and `projector`) are the NNX modules, for probing or fine-tuning.
     """
 
     def __init__(
         self,
         model: GraniteSpeechEncoder,
         *,
+        projector: GraniteSpeechProjector | None = None,
+        feature_config: FeatureConfig | None = None,
         buckets: str | Sequence[int] | BucketPolicy = "auto",
+        chunk_blocks: int | None = 32,
         provenance: dict | None = None,
     ):
         self.model = model
         self.config: EncoderConfig = model.config
+        self.projector = projector
+        self.projector_config = projector.config if projector is not None else None
+        self.feature_config = feature_config or FeatureConfig()
         self.buckets = BucketPolicy.make(buckets, self.config.context_size)
+        if chunk_blocks is not None and (not isinstance(chunk_blocks, int) or chunk_blocks < 1):
+            raise ValueError(f"chunk_blocks must be a positive integer or None, got {chunk_blocks!r}")
+        self.chunk_blocks = chunk_blocks
         self.provenance = dict(provenance or {})
-        graphdef, state = nnx.split(model)
-        self._graphdef = graphdef
-        # The module's Variable objects, kept once: reading their values per call costs microseconds
-        # (nnx.state walks the whole graph: ~20 ms at production size) and still sees every update to
-        # them (fine-tuning). Replacing submodules needs a new GraniteEncoder.
-        self._variables = nnx.to_flat_state(state)
+        self._compute_dtype = jnp.dtype(model.input_linear.kernel.get_value().dtype)
+        self._encoder = _Bound(model)
+        self._projector = _Bound(projector) if projector is not None else None
         self._traces = 0
         self._forward = jax.jit(self._forward_impl)
+        self._encode = jax.jit(self._encode_impl, static_argnames=("hf_batch", "with_projector"))
+        self._project = jax.jit(self._project_impl)
+        self._ctc = jax.jit(self._ctc_impl)
 
-    def _current_values(self) -> list[jax.Array]:
-        return [v.get_value() for _, v in self._variables]
+    # -- the compiled functions (each runs once per trace: per compiled shape) ----------------------------
+    def _run_encoder(self, values, features, frame_lengths):
+        valid = jnp.arange(features.shape[1])[None, :] < frame_lengths[:, None]
+        return self._encoder.merge(values)(features, valid, chunk_blocks=self.chunk_blocks)
 
     def _forward_impl(self, values, features, lengths):
-        self._traces += 1  # runs once per trace, i.e. per compiled shape
-        state = nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in zip(self._variables, values, strict=True)])
-        model = nnx.merge(self._graphdef, state)
-        valid = jnp.arange(features.shape[1])[None, :] < lengths[:, None]
-        return model(features, valid)
+        self._traces += 1
+        return self._run_encoder(values, features, lengths)
+
+    def _encode_impl(self, enc_values, proj_values, waveforms, sample_lengths, frame_lengths, hf_batch, with_projector):
+        self._traces += 1
+        features = log_mel(waveforms, sample_lengths, self.feature_config, hf_batch=hf_batch)
+        features = features.astype(self._compute_dtype)
+        hidden = self._run_encoder(enc_values, features, frame_lengths)
+        embeddings = self._projector.merge(proj_values)(hidden) if with_projector else None
+        return features, hidden, embeddings
+
+    def _project_impl(self, values, hidden_states):
+        self._traces += 1
+        return self._projector.merge(values)(hidden_states)
+
+    def _ctc_impl(self, values, hidden_states):
+        self._traces += 1
+        final = hidden_states[..., -self.config.hidden_dim :]  # plus: the last layer comes last
+        return self._encoder.merge(values).out(final)
 
     @property
     def num_compilations(self) -> int:
-        """How many input shapes `encode_features` has compiled for so far."""
+        """How many input shapes the compiled functions have been traced for so far."""
         return self._traces
 
     def bucket_frames(self, num_frames: int) -> int:
         """The padded length that an input of `num_frames` frames runs at."""
         return self.buckets.frames_for(num_frames, self.config.context_size)
 
+    # -- features -> hidden states -----------------------------------------------------------------------
     def encode_features(
         self, features: Float[Array, "b t f"] | np.ndarray, lengths: Sequence[int] | np.ndarray | None = None
     ) -> Float[Array, "b t w"]:
@@ -137,32 +243,135 @@ class GraniteEncoder:
             raise ValueError(f"features must have at least one frame and one row, got shape {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"features must be a floating-point array, got {x.dtype}")
-        if lengths is None:
-            lens = np.full((b,), t, np.int32)
-        else:
-            lens = np.asarray(lengths)
-            if lens.shape != (b,) or not np.issubdtype(lens.dtype, np.integer):
-                raise ValueError(f"lengths must be {b} integers (one per row), got {lengths!r}")
-            if lens.min() < 1 or lens.max() > t:
-                raise ValueError(f"lengths must lie in [1, {t}] (the number of frames), got {lens.tolist()}")
-            lens = lens.astype(np.int32)
+        lens = _check_lengths(lengths, b, t)
         tb = self.bucket_frames(t)
-        dtype = self._compute_dtype
-        x = jnp.pad(jnp.asarray(x, dtype), ((0, 0), (0, tb - t), (0, 0)))
-        out = self._forward(self._current_values(), x, jnp.asarray(lens))[:, :t]
+        x = jnp.pad(jnp.asarray(x, self._compute_dtype), ((0, 0), (0, tb - t), (0, 0)))
+        out = self._forward(self._encoder.values(), x, jnp.asarray(lens))[:, :t]
         return out[0] if squeeze else out
 
-    @property
-    def _compute_dtype(self):
-        return self.model.input_linear.kernel[...].dtype
+    # -- hidden states -> LLM embeddings, CTC --------------------------------------------------------------
+    def audio_embeddings(
+        self, hidden_states: Float[Array, "b t w"] | np.ndarray, lengths: Sequence[int] | np.ndarray | None = None
+    ) -> tuple[Float[Array, "b e l"], np.ndarray]:
+        """The projector on encoder hidden states: (embeddings (B, E, llm_hidden_size), valid count per row).
+
+        Equals HF `get_audio_features(...).pooler_output` on the same hidden states. With `lengths`, hidden
+        frames past each row's length are treated as zeros (what `encode_features` returns there), so row i
+        equals row i alone.
+        """
+        if self.projector is None:
+            raise ValueError("this checkpoint has no projector (a bare encoder); audio_embeddings needs one")
+        h = hidden_states if isinstance(hidden_states, jax.Array) else np.asarray(hidden_states)
+        if h.ndim != 3 or h.shape[-1] != self.config.output_width:
+            raise ValueError(f"hidden_states must be (batch, frames, {self.config.output_width}), got shape {h.shape}")
+        b, t, _ = h.shape
+        lens = _check_lengths(lengths, b, t)
+        w = self.projector_config.window_size
+        tb = -(-self.bucket_frames(t) // w) * w  # bucketed, whole windows
+        h = jnp.asarray(h, self._compute_dtype)
+        h = jnp.where(jnp.arange(t)[None, :, None] < jnp.asarray(lens)[:, None, None], h, 0)
+        h = jnp.pad(h, ((0, 0), (0, tb - t), (0, 0)))
+        counts = num_audio_embeddings(lens, self.projector_config)
+        emb = self._project(self._projector.values(), h)[:, : num_audio_embeddings(t, self.projector_config)]
+        return emb, counts
+
+    def ctc_logits(self, hidden_states: Float[Array, "b t w"] | np.ndarray) -> Float[Array, "b t v"]:
+        """The CTC head (`out`) on the final layer's hidden states: (B, T, output_dim) logits."""
+        h = hidden_states if isinstance(hidden_states, jax.Array) else np.asarray(hidden_states)
+        if h.shape[-1] != self.config.output_width:
+            raise ValueError(f"hidden_states must end in {self.config.output_width} channels, got shape {h.shape}")
+        return self._ctc(self._encoder.values(), jnp.asarray(h, self._compute_dtype))
+
+    def ctc_greedy(
+        self,
+        hidden_states: Float[Array, "b t w"] | np.ndarray,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        *,
+        id_to_text: Callable[[int], str] = chr,
+    ) -> list[str]:
+        """Greedy CTC transcripts of encoder hidden states (see `ctc_greedy_decode`)."""
+        ids = jnp.argmax(self.ctc_logits(hidden_states), axis=-1)
+        return ctc_greedy_decode(np.asarray(ids), lengths, id_to_text=id_to_text)
+
+    # -- audio -> everything ------------------------------------------------------------------------------
+    def encode(
+        self,
+        waveforms,
+        sampling_rate: int = 16000,
+        *,
+        batch_mode: str = "per_utterance",
+        embeddings: bool = True,
+    ) -> EncodeResult:
+        """Audio -> log-mel -> encoder -> projector in one compiled call.
+
+        `waveforms`: one 1-D float array, a list of them (any lengths) or a 2-D array (equal lengths),
+        at `sampling_rate` (resampled to 16 kHz when different). `batch_mode`: "per_utterance" (each
+        row exactly as if encoded alone) or "hf" (what transformers' feature extractor and encoder give
+        on the zero-padded batch). `embeddings=False` skips the projector.
+        """
+        if batch_mode not in ("per_utterance", "hf"):
+            raise ValueError(f"batch_mode must be 'per_utterance' or 'hf', got {batch_mode!r}")
+        fc = self.feature_config
+        if self.config.input_dim != fc.feature_dim:
+            raise ValueError(
+                f"this encoder takes input_dim={self.config.input_dim} features, not the {fc.feature_dim} of a "
+                "log-mel front end: use encode_features"
+            )
+        waves = prepare_waveforms(waveforms, sampling_rate, fc)
+        n = np.array([len(w) for w in waves])
+        frames = num_encoder_frames(n, fc)
+        t = int(frames.max())
+        tb = self.bucket_frames(t)
+        samples = (2 * tb + 1) * fc.hop_length - 1  # the most samples that give tb frames: every n that fits
+        batch = np.zeros((len(waves), samples), np.float32)
+        for i, w in enumerate(waves):
+            batch[i, : len(w)] = w
+        hf = batch_mode == "hf"
+        # HF mode: every row is as long as the longest (zeros inside), and the encoder sees all its frames.
+        sample_lengths = np.full_like(n, n.max()) if hf else n
+        frame_lengths = np.full_like(frames, t) if hf else frames
+        with_projector = embeddings and self.projector is not None
+        features, hidden, emb = self._encode(
+            self._encoder.values(),
+            self._projector.values() if with_projector else None,
+            jnp.asarray(batch),
+            jnp.asarray(sample_lengths, jnp.int32),
+            jnp.asarray(frame_lengths, jnp.int32),
+            hf_batch=hf,
+            with_projector=with_projector,
+        )
+        result = EncodeResult(features[:, :t], hidden[:, :t], frames.astype(np.int32))
+        if with_projector:
+            counts = num_audio_embeddings(frames, self.projector_config)
+            result.audio_embeddings = emb[:, : num_audio_embeddings(t, self.projector_config)]
+            result.embedding_counts = counts
+        return result
 
     def __repr__(self) -> str:
         c = self.config
-        n = sum(int(np.prod(x.shape)) for x in self._current_values())
+        n = sum(int(np.prod(x.shape)) for x in self._encoder.values())
+        proj = ""
+        if self._projector is not None:
+            p = self.projector_config
+            m = sum(int(np.prod(x.shape)) for x in self._projector.values())
+            proj = f", projector {p.num_hidden_layers} x {p.hidden_size} -> {p.llm_hidden_size} ({m / 1e6:.1f}M)"
         return (
             f"GraniteEncoder({c.num_layers} layers x {c.hidden_dim}, {c.num_heads} heads x {c.dim_head}, "
-            f"context {c.context_size}, {n / 1e6:.1f}M values, {self._compute_dtype}, buckets={self.buckets.mode!r})"
+            f"context {c.context_size}, {n / 1e6:.1f}M values{proj}, {self._compute_dtype}, "
+            f"buckets={self.buckets.mode!r})"
         )
+
+
+def _check_lengths(lengths, b: int, t: int) -> np.ndarray:
+    """(b,) int32 valid frames per row, each in [1, t]; all t when None."""
+    if lengths is None:
+        return np.full((b,), t, np.int32)
+    lens = np.asarray(lengths)
+    if lens.shape != (b,) or not np.issubdtype(lens.dtype, np.integer):
+        raise ValueError(f"lengths must be {b} integers (one per row), got {lengths!r}")
+    if lens.min() < 1 or lens.max() > t:
+        raise ValueError(f"lengths must lie in [1, {t}] (the number of frames), got {lens.tolist()}")
+    return lens.astype(np.int32)
 
 
 def load(
@@ -170,24 +379,36 @@ def load(
     *,
     dtype: str = "float32",
     buckets: str | Sequence[int] | BucketPolicy = "auto",
+    chunk_blocks: int | None = 32,
 ) -> GraniteEncoder:
-    """Load an encoder from a granite-jax-convert directory, or convert an HF checkpoint in memory.
+    """Load an encoder (and its projector) from a granite-jax-convert directory, or convert an HF one in memory.
 
     `path`: a granite_jax checkpoint, an HF checkpoint directory, or a hub id (downloaded if online).
     `dtype`: parameter and compute dtype ("float32" default); stored parameters are cast to it.
-    `buckets`: padded-length policy, see `BucketPolicy`.
+    `buckets`: padded-length policy, see `BucketPolicy`. `chunk_blocks`: inputs longer than this many
+    blocks (32 = 128 s) run chunk by chunk inside each layer, so memory grows only with the hidden states
+    (about 12% slower than unchunked here, hence the large default; None never chunks).
     """
     path = os.fspath(path)
     if checkpoint.is_checkpoint(path):
-        config, params, provenance = checkpoint.load(path)
+        loaded = checkpoint.load(path)
     else:
         from granite_jax.convert.convert import convert_hf
 
-        config, params, provenance = convert_hf(path)
+        loaded = convert_hf(path)
     param_dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(param_dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}")
     # Converted in memory: hand each array over and drop it, so the weights are held once.
-    consume = isinstance(params, dict)
-    model = encoder_from_params(config, params, param_dtype=param_dtype, dtype=param_dtype, consume=consume)
-    return GraniteEncoder(model, buckets=buckets, provenance=provenance)
+    consume = isinstance(loaded.params, dict)
+    model = encoder_from_params(
+        loaded.config, loaded.params, param_dtype=param_dtype, dtype=param_dtype, consume=consume
+    )
+    projector = None
+    if loaded.projector_config is not None:
+        projector = projector_from_params(
+            loaded.projector_config, loaded.projector_params, param_dtype=param_dtype, dtype=param_dtype
+        )
+    return GraniteEncoder(
+        model, projector=projector, buckets=buckets, chunk_blocks=chunk_blocks, provenance=loaded.provenance
+    )

@@ -1,9 +1,14 @@
 """granite_jax's on-disk format: a directory with the encoder config, the NNX variables as safetensors
 and provenance. No pickle. Written atomically: a failed write leaves nothing behind.
 
-    DST/config.json          HF encoder config (HF field names; readable by transformers too)
-    DST/params.safetensors   NNX variables keyed by module path, e.g. layers.0.attn.to_q.kernel
-    DST/granite_jax.json     format version, source, dtype, converter version, time
+    DST/config.json             HF encoder config (HF field names; readable by transformers too)
+    DST/params.safetensors      NNX variables keyed by module path, e.g. layers.0.attn.to_q.kernel; the
+                                projector's (if any) under `projector.`, e.g. projector.linear.kernel
+    DST/projector_config.json   only with a projector: ProjectorConfig.to_hf_dict() (the full HF config's
+                                projector_config, window_size, downsample_rate, text_config.hidden_size)
+    DST/granite_jax.json        format version, source, dtype, converter version, time
+
+The projector is an addition within format version 1: directories without it still load (projector None).
 """
 
 from __future__ import annotations
@@ -14,17 +19,33 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from granite_jax.config import EncoderConfig
+from granite_jax.config import EncoderConfig, ProjectorConfig
 from granite_jax.safetensors_file import SafetensorsFile
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
+PROJECTOR_CONFIG_FILE = "projector_config.json"
 PARAMS_FILE = "params.safetensors"
 META_FILE = "granite_jax.json"
+PROJECTOR_PREFIX = "projector."  # the projector's NNX paths in params.safetensors
+
+
+class Converted(NamedTuple):
+    """A converted model, what `convert_hf` and `load` return.
+
+    `params` are the encoder's {NNX path: array}; `projector_params` the projector's {NNX path: array}
+    (paths without `projector.`), both possibly lazy. The projector fields are None for a bare encoder.
+    """
+
+    config: EncoderConfig
+    params: Mapping[str, np.ndarray]
+    provenance: dict[str, Any]
+    projector_config: ProjectorConfig | None = None
+    projector_params: Mapping[str, np.ndarray] | None = None
 
 
 class CheckpointError(ValueError):
@@ -39,14 +60,24 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 def save(
     dst: str | os.PathLike,
     config: EncoderConfig,
-    params: dict[str, np.ndarray],
+    params: Mapping[str, np.ndarray],
     provenance: dict[str, Any],
     *,
     overwrite: bool = False,
+    projector_config: ProjectorConfig | None = None,
+    projector_params: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """Write a checkpoint directory atomically (temp dir + rename); refuse to replace one unless `overwrite`."""
+    """Write a checkpoint directory atomically (temp dir + rename); refuse to replace one unless `overwrite`.
+
+    `projector_config` and `projector_params` (NNX paths without `projector.`) come together or not at all.
+    """
     from safetensors.numpy import save_file
 
+    if (projector_config is None) != (projector_params is None):
+        raise CheckpointError("projector_config and projector_params must be given together")
+    clash = [k for k in params if k.startswith(PROJECTOR_PREFIX)]
+    if clash:
+        raise CheckpointError(f"encoder parameter names must not start with {PROJECTOR_PREFIX!r}: {clash}")
     dst = os.path.abspath(os.fspath(dst))
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -57,6 +88,10 @@ def save(
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config.to_hf_dict(), f, indent=2, sort_keys=True)
         arrays = {k: np.require(v, requirements="C") for k, v in params.items()}  # keeps 0-d arrays 0-d
+        if projector_config is not None:
+            with open(os.path.join(tmp, PROJECTOR_CONFIG_FILE), "w") as f:
+                json.dump(projector_config.to_hf_dict(), f, indent=2, sort_keys=True)
+            arrays.update({PROJECTOR_PREFIX + k: np.require(v, requirements="C") for k, v in projector_params.items()})
         save_file(arrays, os.path.join(tmp, PARAMS_FILE), metadata={"format": "granite_jax"})
         meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         meta.update(provenance)
@@ -75,16 +110,22 @@ def save(
 
 
 class LazyParams(Mapping):
-    """{path: array} over a params.safetensors file, each tensor read only when asked for."""
+    """{path: array} over a params.safetensors file, each tensor read only when asked for.
 
-    def __init__(self, file: str):
-        self._file = SafetensorsFile(file)
-        self._keys = tuple(self._file.keys())
+    With `prefix`, only the tensors under it (the prefix stripped); `exclude` drops those under it.
+    """
+
+    def __init__(self, file: str | SafetensorsFile, *, prefix: str = "", exclude: str | None = None):
+        self._file = file if isinstance(file, SafetensorsFile) else SafetensorsFile(file)
+        self._prefix = prefix
+        n, names = len(prefix), self._file.keys()
+        self._keys = tuple(k[n:] for k in names if k.startswith(prefix) and not (exclude and k.startswith(exclude)))
+        self._key_set = frozenset(self._keys)
 
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._keys:
+        if key not in self._key_set:
             raise KeyError(key)
-        return self._file.get_tensor(key)
+        return self._file.get_tensor(self._prefix + key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -93,8 +134,9 @@ class LazyParams(Mapping):
         return len(self._keys)
 
 
-def load(path: str | os.PathLike) -> tuple[EncoderConfig, Mapping[str, np.ndarray], dict[str, Any]]:
-    """(config, lazy {path: array}, provenance) of a checkpoint directory."""
+def load(path: str | os.PathLike) -> Converted:
+    """A checkpoint directory as `Converted(config, params, provenance, projector_config, projector_params)`,
+    the parameters lazy ({path: array}, read on access); the projector fields are None without one."""
     path = os.fspath(path)
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a granite_jax checkpoint (no {META_FILE})")
@@ -105,5 +147,14 @@ def load(path: str | os.PathLike) -> tuple[EncoderConfig, Mapping[str, np.ndarra
             f"{path} has format_version {meta.get('format_version')!r}; this granite_jax reads {FORMAT_VERSION}"
         )
     config = EncoderConfig.from_hf_config(os.path.join(path, CONFIG_FILE))
-    params = LazyParams(os.path.join(path, PARAMS_FILE))
-    return config, params, meta
+    file = SafetensorsFile(os.path.join(path, PARAMS_FILE))
+    params = LazyParams(file, exclude=PROJECTOR_PREFIX)
+    projector_config = projector_params = None
+    if os.path.exists(os.path.join(path, PROJECTOR_CONFIG_FILE)):
+        projector_config = ProjectorConfig.from_hf_config(os.path.join(path, PROJECTOR_CONFIG_FILE))
+        if projector_config is None:
+            raise CheckpointError(f"{path}/{PROJECTOR_CONFIG_FILE} holds no projector config")
+        projector_params = LazyParams(file, prefix=PROJECTOR_PREFIX)
+    elif any(name.startswith(PROJECTOR_PREFIX) for name in file.keys()):  # noqa: SIM118 (not a dict)
+        raise CheckpointError(f"{path} has projector parameters but no {PROJECTOR_CONFIG_FILE}")
+    return Converted(config, params, meta, projector_config, projector_params)

@@ -1,4 +1,4 @@
-"""`granite-jax`: `demo` (the whole path on an embedded default, no downloads) and `convert`."""
+"""`granite-jax`: `demo` (the whole path on a bundled clip, no downloads), `encode` and `convert`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 
 def _timed(fn, runs: int) -> list[float]:
@@ -19,73 +21,135 @@ def _timed(fn, runs: int) -> list[float]:
     return out
 
 
-def demo(layers: int, seconds: float, runs: int, batch: int) -> int:
-    """Make an HF checkpoint at the 4.1-2b encoder architecture, convert it, encode, compare with torch."""
+# A projector at the scale of the released models' (a 2-layer, 1024-wide Q-Former, cross-attention in every
+# layer, windows of 15 frames -> 3 queries, into a 2048-wide LLM): an assumption for the demo's timings.
+DEMO_PROJECTOR = dict(
+    hidden_size=1024,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    cross_attention_frequency=1,
+    window_size=15,
+    downsample_rate=5,
+    llm_hidden_size=2048,
+)
+
+
+def _clip(name_or_path: str, seconds: float | None):
+    from granite_jax.audio import load_audio
+    from granite_jax.data import CLIPS, clip_path
+
+    wave = load_audio(clip_path(name_or_path) if name_or_path in CLIPS else name_or_path)
+    if seconds is not None:  # repeat (or cut) the clip to the requested length
+        n = max(1, round(seconds * 16000))
+        wave = np.tile(wave, -(-n // len(wave)))[:n]
+    return wave
+
+
+def demo(layers: int, clip: str, seconds: float | None, runs: int, batch: int) -> int:
+    """Bundled speech clip -> log-mel -> encoder -> projector, in JAX and in HF torch; parity and speed."""
     import jax
-    import numpy as np
 
     import granite_jax
     from granite_jax.config import PRODUCTION
     from granite_jax.convert.convert import convert_checkpoint
-    from granite_jax.reference import _require_torch, make_hf_checkpoint
+    from granite_jax.reference import _require_torch, make_hf_full_checkpoint
 
     try:
-        torch, _ = _require_torch()
+        torch, transformers = _require_torch()
     except ImportError as e:
         print(f"granite-jax demo compares against the torch reference: {e}", file=sys.stderr)
         return 1
+    transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bar would interleave here
     cfg = dataclasses.replace(PRODUCTION, num_layers=layers)
-    frames = max(1, round(seconds * 50))
+    wave = _clip(clip, seconds)
+    waves = [wave] * batch
+    audio = batch * len(wave) / 16000
     print(
         f"granite-jax demo: {cfg.num_layers} layers x {cfg.hidden_dim}, {cfg.num_heads} heads x {cfg.dim_head}, "
-        f"context {cfg.context_size}; {batch} x {seconds:g} s of audio ({frames} frames); "
+        f"context {cfg.context_size}, Q-Former projector {DEMO_PROJECTOR['num_hidden_layers']} x "
+        f"{DEMO_PROJECTOR['hidden_size']}; {batch} x {len(wave) / 16000:.2f} s of speech ({clip}); "
         f"jax on {jax.default_backend()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        ref = make_hf_checkpoint(cfg, f"{tmp}/hf", seed=0)
-        print(f"[1/4] made a random HF checkpoint with transformers ({time.perf_counter() - t0:.1f} s)")
+        ref = make_hf_full_checkpoint(cfg, f"{tmp}/hf", seed=0, projector=DEMO_PROJECTOR)
+        print(f"[1/4] made a random HF GraniteSpeechForConditionalGeneration with transformers ({_since(t0)})")
         t0 = time.perf_counter()
         convert_checkpoint(f"{tmp}/hf", f"{tmp}/gj")
-        print(f"[2/4] converted it with granite-jax-convert ({time.perf_counter() - t0:.1f} s)")
+        print(f"[2/4] converted encoder + projector with granite-jax-convert ({_since(t0)})")
         model = granite_jax.load(f"{tmp}/gj")
-        x = np.random.default_rng(0).standard_normal((batch, frames, cfg.input_dim)).astype(np.float32)
 
         def run_jax():
-            return jax.block_until_ready(model.encode_features(x))
+            r = model.encode(waves)
+            jax.block_until_ready((r.hidden_states, r.audio_embeddings))
+            return r
 
         t0 = time.perf_counter()
-        got = np.asarray(run_jax())
+        res = run_jax()
         first = time.perf_counter() - t0
         jax_times = _timed(run_jax, runs)
-        print(f"[3/4] granite_jax encode_features: first call (compile + run) {first:.2f} s")
+        print(f"[3/4] granite_jax encode(waveforms): first call (compile + run) {first:.2f} s")
+        try:
+            extractor = transformers.GraniteSpeechFeatureExtractor()
+        except ImportError:  # torchaudio missing: HF's side starts from our features instead
+            extractor = None
+
+        def run_torch():
+            feats = extractor(waves)["input_features"] if extractor else torch.from_numpy(np.asarray(res.features))
+            return feats, ref.model.get_audio_features(feats)
+
         with torch.inference_mode():
-            xt = torch.from_numpy(x)
-            want = ref(xt).last_hidden_state.numpy()
-            torch_times = _timed(lambda: ref(xt), runs)
-        print("[4/4] HF torch reference done")
-    err = float(np.abs(got - want).max() / np.abs(want).max())
+            feats, out = run_torch()
+            torch_times = _timed(run_torch, runs)
+        print(f"[4/4] HF torch reference done{'' if extractor else ' (no torchaudio: fed our log-mel to HF)'}")
+    n, e = int(res.lengths[0]), int(res.embedding_counts[0])
+    errs = {
+        "log-mel features (max abs)": float(np.abs(np.asarray(res.features[0, :n]) - feats[0].numpy()).max()),
+        "encoder hidden states": _rel(res.hidden_states[0, :n], out.last_hidden_state[0].numpy()),
+        "projector embeddings": _rel(res.audio_embeddings[0, :e], out.pooler_output[0, :e].numpy()),
+    }
     tj, tt = statistics.median(jax_times), statistics.median(torch_times)
-    audio = batch * seconds
     print()
     print("| side | median s | real-time factor |")
     print("|---|---|---|")
-    print(f"| HF torch | {tt:.3f} | {tt / audio:.4f} |")
-    print(f"| granite_jax | {tj:.3f} | {tj / audio:.4f} |")
-    print(f"\nspeed-up {tt / tj:.2f}x; parity max|jax - torch| / max|torch| = {err:.2e} (fp32)")
-    return 0 if err < 1e-4 else 2
+    print(f"| HF torch (extractor + encoder + projector) | {tt:.3f} | {tt / audio:.4f} |")
+    print(f"| granite_jax encode | {tj:.3f} | {tj / audio:.4f} |")
+    print(f"\nspeed-up {tt / tj:.2f}x; {e} projector embeddings of width {res.audio_embeddings.shape[-1]}")
+    print("parity (fp32), max|jax - torch| / max|torch| unless noted:")
+    for k, v in errs.items():
+        print(f"  {k}: {v:.2e}")
+    text = model.ctc_greedy(res.hidden_states[:1], res.lengths[:1])[0]
+    print(f"CTC greedy text ({len(text)} chars; random weights, so not words): {text[:40]!r}")
+    ok = errs["log-mel features (max abs)"] < 1e-3 and max(list(errs.values())[1:]) < 1e-3
+    return 0 if ok else 2
+
+
+def _since(t0: float) -> str:
+    return f"{time.perf_counter() - t0:.1f} s"
+
+
+def _rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="granite-jax", description="Granite Speech encoder in JAX")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser(
-        "demo", help="make, convert and run a random checkpoint at the real architecture; compare with torch"
+        "demo",
+        help="encode a bundled speech clip with a random checkpoint at the real architecture; compare with torch",
     )
     d.add_argument("--layers", type=int, default=16, help="encoder depth (16 = granite-speech-4.1-2b)")
-    d.add_argument("--seconds", type=float, default=10.0, help="audio length per utterance")
+    d.add_argument("--clip", default="fox", help="a bundled clip (fox, numbers, report) or an audio file")
+    d.add_argument("--seconds", type=float, default=None, help="repeat or cut the clip to this length")
     d.add_argument("--batch", type=int, default=1)
     d.add_argument("--runs", type=int, default=3, help="timed runs after the first call")
+    from granite_jax import encode_cli
+
+    e = sub.add_parser("encode", help="encode audio files: hidden states, projector embeddings or CTC text")
+    encode_cli.build_parser(e)
     c = sub.add_parser("convert", help="same as granite-jax-convert", add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
@@ -93,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         from granite_jax.convert.cli import main as convert_main
 
         return convert_main(args.args)
-    if args.layers < 1 or args.seconds <= 0 or args.runs < 1 or args.batch < 1:
+    if args.command == "encode":
+        return encode_cli.execute(args)
+    if args.layers < 1 or (args.seconds is not None and args.seconds <= 0) or args.runs < 1 or args.batch < 1:
         p.error("--layers, --seconds, --runs and --batch must be positive")
-    return demo(args.layers, args.seconds, args.runs, args.batch)
+    return demo(args.layers, args.clip, args.seconds, args.runs, args.batch)
 
 
 if __name__ == "__main__":

@@ -112,9 +112,12 @@ class DepthWiseConv1d(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (kernel_size, channels), param_dtype))
 
     def __call__(self, x: Float[Array, "b t c"]) -> Float[Array, "b t c"]:
-        t = x.shape[1]
-        w = self.kernel[...].astype(x.dtype)
-        xp = jnp.pad(x, ((0, 0), self.padding, (0, 0)))
+        return self.valid(jnp.pad(x, ((0, 0), self.padding, (0, 0))))
+
+    def valid(self, xp: Float[Array, "b t+k-1 c"]) -> Float[Array, "b t c"]:
+        """The conv over frames that already carry their `padding` (zeros or neighbouring frames)."""
+        t = xp.shape[1] - (self.kernel_size - 1)
+        w = self.kernel[...].astype(xp.dtype)
         out = xp[:, 0:t] * w[0]
         for j in range(1, self.kernel_size):
             out = out + xp[:, j : j + t] * w[j]
@@ -150,10 +153,19 @@ class ConvModule(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, deterministic=True)
 
     def __call__(self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:
-        a, gate = jnp.split(self.up_conv(self.norm(x)), 2, axis=-1)
+        pad = ((0, 0), self.depth_conv.padding)
+        return self.windowed(jnp.pad(x, pad + ((0, 0),)), jnp.pad(valid, pad))
+
+    def windowed(self, xw: Float[Array, "b t+k-1 d"], valid_w: Bool[Array, "b t+k-1"]) -> Float[Array, "b t d"]:
+        """The module on the frames of a window that carries the depthwise conv's halo on each side.
+
+        Everything but the depthwise conv is per frame, so a long input can be cut into windows that
+        overlap by kernel_size - 1 frames and give exactly the unchunked result.
+        """
+        a, gate = jnp.split(self.up_conv(self.norm(xw)), 2, axis=-1)
         h = a * jax.nn.sigmoid(gate)  # GLU over channels
-        h = jnp.where(valid[..., None], h, 0)  # the conv must see zeros past the end, like the unpadded run
-        h = nnx.silu(self.batch_norm(self.depth_conv(h)))
+        h = jnp.where(valid_w[..., None], h, 0)  # the conv must see zeros past the end, like the unpadded run
+        h = nnx.silu(self.batch_norm(self.depth_conv.valid(h)))
         return self.dropout(self.down_conv(h))
 
 
@@ -168,12 +180,55 @@ class ConformerBlock(nnx.Module):
         self.ff2 = FeedForward(cfg, **kw)
         self.post_norm = _layer_norm(rngs, cfg.hidden_dim, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:
+    def attend(self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:
+        """First half: x + ff1/2, then + attention. Exact on any whole number of blocks."""
         x = 0.5 * self.ff1(x) + x
-        x = self.attn(x, valid) + x
-        x = self.conv(x, valid) + x
+        return self.attn(x, valid) + x
+
+    def convolve(self, xw: Float[Array, "b t+k-1 d"], valid_w: Bool[Array, "b t+k-1"]) -> Float[Array, "b t d"]:
+        """Second half on a window with the conv halo: + conv, + ff2/2, LayerNorm (returns the centre)."""
+        left, right = self.conv.depth_conv.padding
+        x = self.conv.windowed(xw, valid_w) + xw[:, left : xw.shape[1] - right]
         x = 0.5 * self.ff2(x) + x
         return self.post_norm(x)
+
+    def __call__(
+        self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], *, chunk_frames: int | None = None
+    ) -> Float[Array, "b t d"]:
+        """The block; with `chunk_frames` (a multiple of context_size), worked through in chunks of that
+        many frames so that temporaries stay bounded however long the input: same result."""
+        b, t, d = x.shape
+        left, right = self.conv.depth_conv.padding
+        halo = ((0, 0), (left, right))
+        valid_p = jnp.pad(valid, halo)
+        if chunk_frames is None or chunk_frames >= t:
+            return self.convolve(jnp.pad(self.attend(x, valid), halo + ((0, 0),)), valid_p)
+        c = self.attn.context_size
+        if chunk_frames % c or t % c:
+            raise ValueError(f"chunk_frames ({chunk_frames}) and T ({t}) must be multiples of context_size {c}")
+        num_chunks = -(-t // chunk_frames)
+
+        def start_of(i):  # the last chunk is moved back to end at T (it recomputes a few blocks, exactly)
+            return jnp.minimum(i * chunk_frames, t - chunk_frames)
+
+        def attend_chunk(i, y):  # y: (b, t + k - 1, d), the attention half written between the halos
+            s = start_of(i)
+            xc = jax.lax.dynamic_slice_in_dim(x, s, chunk_frames, axis=1)
+            vc = jax.lax.dynamic_slice_in_dim(valid, s, chunk_frames, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(y, self.attend(xc, vc).astype(y.dtype), s + left, axis=1)
+
+        # The loops' buffers start from x (every frame gets overwritten; the halos of y stay zero): a buffer
+        # built from constants would be independent of the data, and XLA would allocate all layers' up front.
+        y = jax.lax.fori_loop(0, num_chunks, attend_chunk, jnp.pad(x, halo + ((0, 0),)))
+        window = chunk_frames + left + right
+
+        def convolve_chunk(i, out):
+            s = start_of(i)
+            yw = jax.lax.dynamic_slice_in_dim(y, s, window, axis=1)
+            vw = jax.lax.dynamic_slice_in_dim(valid_p, s, window, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(out, self.convolve(yw, vw).astype(out.dtype), s, axis=1)
+
+        return jax.lax.fori_loop(0, num_chunks, convolve_chunk, x)
 
 
 class GraniteSpeechEncoder(nnx.Module):
@@ -181,6 +236,8 @@ class GraniteSpeechEncoder(nnx.Module):
 
     `__call__(features, valid)` takes (B, T, input_dim) and a (B, T) mask of valid frames and returns
     (B, T, output_width) with zeros at invalid frames. T need not be a multiple of context_size.
+    `chunk_blocks`: work through inputs longer than that many blocks chunk by chunk in every layer, so that
+    memory beyond the hidden states stays flat however long the audio (same result; see ConformerBlock).
     """
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32):
@@ -198,7 +255,11 @@ class GraniteSpeechEncoder(nnx.Module):
         return x + self.out_mid(probs)
 
     def __call__(
-        self, features: Float[Array, "b t f"], valid: Bool[Array, "b t"] | None = None
+        self,
+        features: Float[Array, "b t f"],
+        valid: Bool[Array, "b t"] | None = None,
+        *,
+        chunk_blocks: int | None = None,
     ) -> Float[Array, "b t w"]:
         cfg = self.config
         b, t, f = features.shape
@@ -215,7 +276,7 @@ class GraniteSpeechEncoder(nnx.Module):
         x = self.input_linear(features)
         exported = {0: x} if 0 in cfg.exported_layers else {}
         for idx, layer in enumerate(self.layers, start=1):
-            x = layer(x, valid)
+            x = layer(x, valid, chunk_frames=chunk_blocks and chunk_blocks * cfg.context_size)
             if idx == cfg.self_conditioning_layer:
                 x = self.self_condition(x)
             # The reference appends before its in-place `+=`, so the export at the self-conditioning

@@ -79,33 +79,97 @@ def perturb_(module: Any, *, seed: int = 0, scale: float = 0.3) -> None:
                 b.copy_(scale * randn(b.shape))
 
 
-def _full_model(cfg: EncoderConfig, *, seed: int):
-    """A tiny GraniteSpeech(Plus)ForConditionalGeneration around an encoder of `cfg`."""
+# Projector settings `make_hf_checkpoint(..., projector=...)` understands: the Q-Former's (HF names), the
+# full config's window_size / downsample_rate, and llm_hidden_size (text_config.hidden_size; keep it even:
+# the tiny language model has 2 heads).
+_QFORMER_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "cross_attention_frequency",
+    "encoder_hidden_size",
+    "use_qformer_text_input",
+)
+_PROJECTOR_TOP_KEYS = ("window_size", "downsample_rate", "llm_hidden_size")
+
+
+def _full_model(cfg: EncoderConfig, *, seed: int, projector: Any = None):
+    """A tiny GraniteSpeech(Plus)ForConditionalGeneration around an encoder of `cfg`.
+
+    `projector`: a dict of projector settings (see _QFORMER_KEYS, _PROJECTOR_TOP_KEYS) or a ProjectorConfig.
+    """
     torch, tf = _require_torch()
     torch.manual_seed(seed)
-    n_cat = len(cfg.exported_layers)
+    if projector is not None and not isinstance(projector, dict):  # a ProjectorConfig
+        import dataclasses
+
+        projector = dataclasses.asdict(projector)
+    settings = dict(projector or {})
+    unknown = set(settings) - set(_QFORMER_KEYS) - set(_PROJECTOR_TOP_KEYS)
+    if unknown:
+        raise ValueError(f"unknown projector settings {sorted(unknown)}")
     text = dict(
         model_type="granite",
-        hidden_size=32,
+        hidden_size=settings.pop("llm_hidden_size", 32),
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
         vocab_size=64,
     )
-    projector = dict(
+    top = {k: settings.pop(k) for k in ("window_size", "downsample_rate") if k in settings}
+    qformer = dict(
         model_type="blip_2_qformer",
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=64,
-        encoder_hidden_size=cfg.hidden_dim * (n_cat + 1),
+        encoder_hidden_size=cfg.output_width,
     )
+    qformer.update(settings)
     enc = cfg.to_hf_dict()
     cls_cfg = tf.GraniteSpeechPlusConfig if cfg.is_plus else tf.GraniteSpeechConfig
     cls = tf.GraniteSpeechPlusForConditionalGeneration if cfg.is_plus else tf.GraniteSpeechForConditionalGeneration
-    full = cls(cls_cfg(encoder_config=enc, text_config=text, projector_config=projector, has_lora_adapter=False))
-    return full.eval()
+    full_cfg = cls_cfg(encoder_config=enc, text_config=text, projector_config=qformer, has_lora_adapter=False, **top)
+    return cls(full_cfg).eval()
+
+
+def hf_full_model(cfg: EncoderConfig, *, seed: int = 0, projector: Any = None):
+    """A whole GraniteSpeech(Plus)ForConditionalGeneration in eval mode, encoder and projector perturbed.
+
+    Every encoder and projector parameter and buffer goes through `perturb_` (the projector's learned
+    query, LayerNorm gains and biases included); the tiny language model keeps its init. `projector`:
+    projector settings, a dict (Q-Former fields by HF name, window_size, downsample_rate, llm_hidden_size)
+    or a ProjectorConfig; the default is a 1-layer, 32-wide Q-Former with window 15 / downsample 5.
+    """
+    model = _full_model(cfg, seed=seed, projector=projector)
+    perturb_(model.model.encoder, seed=seed)
+    perturb_(model.model.projector, seed=seed + 10_000)
+    return model
+
+
+def make_hf_full_checkpoint(
+    cfg: EncoderConfig,
+    path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    projector: Any = None,
+):
+    """Save `hf_full_model(cfg, seed=seed, projector=projector)` at `path`; return it in fp32, eval mode.
+
+    `dtype`: storage dtype; the returned model holds the stored (rounded) weights in fp32.
+    `max_shard_size`: shard the safetensors (e.g. "200KB").
+    """
+    torch, _ = _require_torch()
+    model = hf_full_model(cfg, seed=seed, projector=projector).to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(os.fspath(path), **kwargs)
+    return model.float().eval()
 
 
 def make_hf_checkpoint(
@@ -116,21 +180,43 @@ def make_hf_checkpoint(
     full: bool = False,
     dtype: str = "float32",
     max_shard_size: str | None = None,
+    projector: Any = None,
 ):
     """Save a perturbed random HF checkpoint of `cfg` at `path`; return the fp32 torch encoder it holds.
 
     `full`: a whole GraniteSpeech(Plus)ForConditionalGeneration (keys `encoder.*`, `projector.*`,
-    `language_model.*`) instead of a bare encoder. `dtype`: storage dtype; the returned reference is
-    the stored (rounded) weights in fp32. `max_shard_size`: shard the safetensors (e.g. "200KB").
+    `language_model.*`) instead of a bare encoder, see `make_hf_full_checkpoint` (which returns the whole
+    model; `projector` is passed on to it). `dtype`: storage dtype; the returned reference is the stored
+    (rounded) weights in fp32. `max_shard_size`: shard the safetensors (e.g. "200KB").
     """
     torch, _ = _require_torch()
     if full:
-        model = _full_model(cfg, seed=seed)
-        encoder = model.model.encoder
-        perturb_(encoder, seed=seed)
-    else:
-        model = encoder = hf_encoder(cfg, seed=seed)
-    model = model.to(getattr(torch, dtype))
+        full_model = make_hf_full_checkpoint(
+            cfg, path, seed=seed, dtype=dtype, max_shard_size=max_shard_size, projector=projector
+        )
+        return full_model.model.encoder
+    if projector is not None:
+        raise ValueError("projector settings need full=True (a bare encoder checkpoint has no projector)")
+    model = hf_encoder(cfg, seed=seed).to(getattr(torch, dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(os.fspath(path), **kwargs)
-    return encoder.float().eval()
+    return model.float().eval()
+
+
+def hf_audio_features(model: Any, features: Any) -> Any:
+    """HF `get_audio_features(features).pooler_output` (encoder, then projector) of a full model, as numpy."""
+    torch, _ = _require_torch()
+    import numpy as np
+
+    with torch.no_grad():
+        x = torch.from_numpy(np.asarray(features, np.float32))
+        return model.get_audio_features(x).pooler_output.numpy()
+
+
+def hf_project(model: Any, hidden_states: Any) -> Any:
+    """The HF projector of a full model on encoder hidden states (B, T, W), as numpy."""
+    torch, _ = _require_torch()
+    import numpy as np
+
+    with torch.no_grad():
+        return model.model.projector(torch.from_numpy(np.asarray(hidden_states, np.float32))).numpy()

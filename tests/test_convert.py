@@ -60,7 +60,7 @@ def test_console_script(hf_dir, tmp_path):
 
 @pytest.mark.parametrize("plus", [False, True])
 def test_sharded_full_model_in_bf16(tmp_path, plus):
-    """A whole GraniteSpeech(Plus)ForConditionalGeneration, sharded, stored in bf16: only encoder.* is read."""
+    """A whole GraniteSpeech(Plus)ForConditionalGeneration, sharded, stored in bf16: language_model.* is never read."""
     cfg = dataclasses.replace(CFG, cat_hidden_layers=(0, 1)) if plus else CFG
     ref = make_hf_checkpoint(cfg, tmp_path / "hf", full=True, dtype="bfloat16", max_shard_size="30KB", seed=4)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
@@ -75,12 +75,12 @@ def test_sharded_full_model_in_bf16(tmp_path, plus):
     assert json.loads((tmp_path / "gj" / "granite_jax.json").read_text())["source_dtype"] == "bfloat16"
 
 
-def test_only_encoder_shards_are_opened(tmp_path, monkeypatch):
+def test_only_encoder_and_projector_shards_are_opened(tmp_path, monkeypatch):
     make_hf_checkpoint(CFG, tmp_path / "hf", full=True, max_shard_size="30KB", seed=4)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
-    enc = {v for k, v in index["weight_map"].items() if k.startswith("encoder.")}
+    enc = {v for k, v in index["weight_map"].items() if k.startswith(("encoder.", "projector."))}
     other = set(index["weight_map"].values()) - enc
-    assert other, "the test needs shards without encoder tensors"
+    assert other, "the test needs shards without encoder or projector tensors"
     from granite_jax.safetensors_file import SafetensorsFile
 
     opened = []
@@ -109,8 +109,7 @@ def test_dtype_option(hf_dir, tmp_path, dtype):
 def test_round_trip_back_to_hf(hf_dir):
     """NNX params -> HF keys reproduces the original state dict exactly (values, shapes, dtypes)."""
     src, ref = hf_dir
-    _, params, _ = convert_hf(os.fspath(src))
-    back = flax_to_hf(params)
+    back = flax_to_hf(convert_hf(os.fspath(src)).params)
     original = {k: v.numpy() for k, v in ref.state_dict().items()}
     assert sorted(back) == sorted(original)
     for k, v in original.items():
@@ -224,7 +223,7 @@ def test_checkpoint_format_version_is_checked(hf_dir, tmp_path):
 
 
 def test_hub_download_fetches_only_what_the_encoder_needs(tmp_path, monkeypatch):
-    """A hub id downloads config.json, the index and the encoder's shards, nothing else.
+    """A hub id downloads config.json, the index and the encoder's and projector's shards, nothing else.
 
     The hub is served from a local sharded checkpoint (no network here); the reader code is the real one.
     """
@@ -244,12 +243,15 @@ def test_hub_download_fetches_only_what_the_encoder_needs(tmp_path, monkeypatch)
         return os.fspath(dst)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    config, params, prov = convert_hf("org/model")
+    config, params, prov, projector_config, projector_params = convert_hf("org/model")
     index = json.loads((tmp_path / "remote" / "model.safetensors.index.json").read_text())
-    encoder_shards = {v for k, v in index["weight_map"].items() if k.startswith("encoder.")}
-    assert set(requested) == {"config.json", "model.safetensors.index.json"} | encoder_shards
-    assert len(encoder_shards) < len(set(index["weight_map"].values()))
+    shards = {v for k, v in index["weight_map"].items() if k.startswith(("encoder.", "projector."))}
+    projector_only = shards - {v for k, v in index["weight_map"].items() if k.startswith("encoder.")}
+    assert projector_only, "the test needs a shard holding only projector tensors"
+    assert set(requested) == {"config.json", "model.safetensors.index.json"} | shards
+    assert len(shards) < len(set(index["weight_map"].values()))
     assert prov["source"] == "org/model" and config == CFG
+    assert projector_config is not None and "linear.kernel" in projector_params
     x = np.random.default_rng(8).standard_normal((1, 9, CFG.input_dim)).astype(np.float32)
     model = granite_jax.GraniteEncoder(granite_jax.modeling.encoder_from_params(config, params))
     assert rel_err(model.encode_features(x), torch_encode(ref, x)) < 1e-4

@@ -19,12 +19,12 @@ from granite_jax import modeling
 from granite_jax.config import PRODUCTION
 
 
-def _temp_bytes(cfg, batch: int, frames: int) -> int:
+def _temp_bytes(cfg, batch: int, frames: int, chunk_blocks: int | None = None) -> int:
     model = nnx.eval_shape(lambda: modeling.GraniteSpeechEncoder(cfg))
     graphdef, state = nnx.split(model)
 
     def forward(state, x, valid):
-        return nnx.merge(graphdef, state)(x, valid)
+        return nnx.merge(graphdef, state)(x, valid, chunk_blocks=chunk_blocks)
 
     x = jax.ShapeDtypeStruct((batch, frames, cfg.input_dim), jnp.float32)
     valid = jax.ShapeDtypeStruct((batch, frames), jnp.bool_)
@@ -64,3 +64,24 @@ def test_the_check_can_fail(monkeypatch):
     monkeypatch.setattr(modeling.jnp, "einsum", broadcast_einsum)
     temp = _temp_bytes(cfg, 1, 2000)
     assert temp > _six_d_bytes(cfg, 1, 2000) / 10
+
+
+def test_chunked_temporaries_do_not_grow_with_depth_or_chunk_count():
+    """Chunked long inputs: each extra layer adds only its (c, c, head_dim) position table (20 MB), not
+    hidden-sized buffers, and doubling the length adds about one hidden state per live buffer, not more.
+
+    (A loop buffer built from constants once let XLA allocate every layer's buffers up front: +2 hidden
+    states per layer, which this test catches.)
+    """
+    frames, chunk = 40 * PRODUCTION.context_size, 4  # 40 blocks in chunks of 4
+    hidden = frames * PRODUCTION.hidden_dim * 4
+    table = PRODUCTION.context_size**2 * PRODUCTION.dim_head * 4
+    one, three = (
+        _temp_bytes(dataclasses.replace(PRODUCTION, num_layers=n), 1, frames, chunk_blocks=chunk) for n in (1, 3)
+    )
+    assert three - one < 2 * table + hidden / 2, f"{(three - one) / 1e6:.0f} MB more for 2 more layers"
+    cfg = dataclasses.replace(PRODUCTION, num_layers=1)
+    double = _temp_bytes(cfg, 1, 2 * frames, chunk_blocks=chunk)
+    assert double - one < 4 * hidden, f"{(double - one) / 1e6:.0f} MB more for twice the frames"
+    unchunked = _temp_bytes(cfg, 1, 2 * frames)
+    assert double < unchunked / 2, "chunking should bound the per-layer temporaries"

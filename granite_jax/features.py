@@ -1,0 +1,295 @@
+"""Granite Speech log-mel features in JAX, exact against HF's `GraniteSpeechFeatureExtractor` (no torch).
+
+HF computes torchaudio's `MelSpectrogram` with these settings (torchaudio's defaults beside the five fields of
+`FeatureConfig`): a periodic Hann window of `win_length` centred in `n_fft`, `center=True` with reflect padding of
+`n_fft // 2` samples, power 2, a one-sided FFT, and an HTK mel filterbank without normalisation from 0 Hz to
+`sampling_rate // 2`. Then `log10(max(mel, 1e-10))`, a floor 8 below the batch's maximum, `/ 4 + 1`, an odd last
+frame dropped and pairs of frames stacked into `2 * n_mels` wide encoder frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from granite_jax.config import ConfigError
+
+BatchMode = Literal["per_utterance", "hf"]
+_BATCH_MODES = ("per_utterance", "hf")
+# HF's preprocessor_config.json keys -> FeatureConfig fields (`sample_rate` inside `melspec_kwargs`).
+_HF_FIELDS = ("sampling_rate", "n_fft", "win_length", "hop_length", "n_mels")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    """The feature extractor's settings, with HF's names and defaults (every released Granite Speech model)."""
+
+    sampling_rate: int = 16000
+    n_fft: int = 512
+    win_length: int = 400
+    hop_length: int = 160
+    n_mels: int = 80
+
+    def __post_init__(self) -> None:
+        for name in _HF_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"FeatureConfig.{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.n_fft < 2:
+            raise ConfigError(f"FeatureConfig.n_fft must be at least 2, got {self.n_fft}")
+        if self.win_length > self.n_fft:
+            raise ConfigError(
+                f"FeatureConfig.win_length ({self.win_length}) exceeds n_fft ({self.n_fft}): torch.stft needs "
+                "the window to fit in the FFT"
+            )
+
+    @property
+    def num_freqs(self) -> int:
+        """Bins of the one-sided FFT."""
+        return self.n_fft // 2 + 1
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of an encoder frame: two stacked mel frames (the encoder's `input_dim`)."""
+        return 2 * self.n_mels
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any] | str | os.PathLike) -> FeatureConfig:
+        """Build from HF's `preprocessor_config.json` (a path, its directory, or the loaded dict).
+
+        HF's extractor reads only the top-level fields (missing ones take the defaults) and ignores the saved
+        `melspec_kwargs`; one that disagrees with them is rejected, since the file then says two things.
+        """
+        if isinstance(config, (str, os.PathLike)):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "preprocessor_config.json")
+            try:
+                with open(path) as f:
+                    config = json.load(f)
+            except FileNotFoundError:
+                raise ConfigError(f"no preprocessor_config.json at {path}") from None
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"expected a dict or a path to preprocessor_config.json, got {type(config).__name__}")
+        fe_type = config.get("feature_extractor_type")
+        if fe_type is not None and fe_type != "GraniteSpeechFeatureExtractor":
+            raise ConfigError(f"feature_extractor_type {fe_type!r} is not GraniteSpeechFeatureExtractor")
+        cfg = cls(**{k: config[k] for k in _HF_FIELDS if config.get(k) is not None})
+        saved = config.get("melspec_kwargs") or {}
+        for key, value in saved.items():
+            field = "sampling_rate" if key == "sample_rate" else key
+            if field in _HF_FIELDS and value != getattr(cfg, field):
+                raise ConfigError(
+                    f"melspec_kwargs[{key!r}] = {value!r} disagrees with {field} = {getattr(cfg, field)!r}, "
+                    "which HF's extractor uses (it ignores melspec_kwargs)"
+                )
+        return cfg
+
+
+def mel_filterbank(cfg: FeatureConfig = FeatureConfig()) -> np.ndarray:
+    """`torchaudio.functional.melscale_fbanks` (HTK, no norm, 0 Hz to sr // 2) as a (num_freqs, n_mels) float32."""
+    return _mel_filterbank(cfg).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_filterbank(cfg: FeatureConfig) -> np.ndarray:
+    # Computed in float64 and rounded once; torchaudio computes in float32 (differences ~1e-7).
+    f_max = float(cfg.sampling_rate // 2)
+    all_freqs = np.linspace(0.0, cfg.sampling_rate // 2, cfg.num_freqs)
+    m_max = 2595.0 * np.log10(1.0 + f_max / 700.0)
+    m_pts = np.linspace(0.0, m_max, cfg.n_mels + 2)
+    f_pts = 700.0 * (10.0 ** (m_pts / 2595.0) - 1.0)
+    f_diff = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts[None, :] - all_freqs[:, None]
+    down = -slopes[:, :-2] / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    return np.maximum(0.0, np.minimum(down, up)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _hann(win_length: int) -> np.ndarray:
+    """`torch.hann_window(win_length)`: periodic."""
+    n = np.arange(win_length, dtype=np.float64)
+    return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / win_length)).astype(np.float32)
+
+
+def num_mel_frames(num_samples, cfg: FeatureConfig = FeatureConfig()):
+    """STFT frames of a waveform with `center=True`: 1 + n // hop (int, or elementwise on arrays)."""
+    return 1 + num_samples // cfg.hop_length
+
+
+def num_encoder_frames(num_samples, cfg: FeatureConfig = FeatureConfig()):
+    """Encoder frames (pairs of mel frames, an odd last one dropped): (1 + n // hop) // 2, as HF's processor."""
+    return num_mel_frames(num_samples, cfg) // 2
+
+
+def min_samples(cfg: FeatureConfig = FeatureConfig()) -> int:
+    """The shortest waveform accepted: torch's reflect padding needs n > n_fft // 2, and one encoder frame n >= hop."""
+    return max(cfg.n_fft // 2 + 1, cfg.hop_length)
+
+
+def check_num_samples(num_samples: int, cfg: FeatureConfig = FeatureConfig(), what: str = "waveform") -> None:
+    """Raise ValueError when a waveform of `num_samples` is too short for the extractor."""
+    if num_samples < min_samples(cfg):
+        raise ValueError(
+            f"{what} has {num_samples} samples; the feature extractor needs at least {min_samples(cfg)} "
+            f"({min_samples(cfg) / cfg.sampling_rate * 1000:.1f} ms at {cfg.sampling_rate} Hz)"
+        )
+
+
+def log_mel(
+    waveforms: jax.Array,
+    lengths: jax.Array,
+    cfg: FeatureConfig = FeatureConfig(),
+    *,
+    hf_batch: bool = False,
+) -> jax.Array:
+    """(B, N) float waveforms -> (B, (1 + N // hop) // 2, 2 * n_mels) features; pure and jit-able (cfg static).
+
+    Per-utterance (default): row i's first `num_encoder_frames(lengths[i])` frames equal HF's output for that row
+    alone, unpadded (reflect padding at its own end, floor from its own maximum); later frames are 0.
+    `hf_batch=True`: every row is treated as `max(lengths)` samples long, i.e. HF's extractor on the list
+    zero-padded to the longest (pass `lengths` = N for HF on the whole (B, N) array); later frames are 0.
+    `lengths` must lie in [min_samples(cfg), N]; nothing is checked here (`extract_features` checks).
+    Memory is O(N): a (frames, win_length) frame matrix and its spectrum.
+    """
+    x = jnp.asarray(waveforms, jnp.float32)
+    if x.ndim != 2:
+        raise ValueError(f"log_mel expects (batch, samples) waveforms, got shape {x.shape}")
+    batch, n = x.shape
+    hop, win, n_fft = cfg.hop_length, cfg.win_length, cfg.n_fft
+    frames = 1 + n // hop  # mel frames of the padded batch
+    lens = jnp.asarray(lengths, jnp.int32).reshape(batch, 1)
+    if hf_batch:
+        lens = jnp.broadcast_to(jnp.max(lens), (batch, 1))
+
+    # Frame t covers samples [t * hop + off, t * hop + off + win) of the reflect-padded row: torch.stft pads
+    # n_fft // 2 on the left and centres the window in n_fft. |rfft| does not see where in n_fft the window sits.
+    off = (n_fft - win) // 2 - n_fft // 2
+    k = -(-win // hop)  # hop-sized blocks a frame spans
+    j = jnp.arange((frames + k - 1) * hop, dtype=jnp.int32)[None, :] + off
+    j = jnp.abs(j)  # reflect at the start (no edge repeat)
+    j = jnp.where(j >= lens, 2 * (lens - 1) - j, j)  # reflect at each row's own end
+    j = jnp.clip(j, 0, n - 1)  # only frames past a row's length reach here; they are masked below
+    signal = jnp.take_along_axis(x, j, axis=1, mode="clip")
+    blocks = signal.reshape(batch, frames + k - 1, hop)
+    framed = jnp.concatenate([blocks[:, i : i + frames] for i in range(k)], axis=-1)[..., :win]
+
+    spec = jnp.fft.rfft(framed * _hann(win), n=n_fft, axis=-1)
+    power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
+    mel = jnp.matmul(power, _mel_filterbank(cfg), precision=jax.lax.Precision.HIGHEST)  # (B, frames, n_mels)
+
+    logmel = jnp.log10(jnp.maximum(mel, 1e-10))
+    valid = jnp.arange(frames)[None, :] < num_mel_frames(lens, cfg)  # (B, frames)
+    mx = jnp.max(jnp.where(valid[..., None], logmel, -jnp.inf), axis=(1, 2), keepdims=True)
+    logmel = jnp.maximum(logmel, mx - 8.0) / 4 + 1
+
+    t_out = frames // 2
+    out = logmel[:, : 2 * t_out].reshape(batch, t_out, 2 * cfg.n_mels)
+    enc_valid = jnp.arange(t_out)[None, :] < num_encoder_frames(lens, cfg)
+    return jnp.where(enc_valid[..., None], out, 0.0)
+
+
+_log_mel_jit = jax.jit(log_mel, static_argnames=("cfg", "hf_batch"))
+
+
+def prepare_waveforms(
+    waveforms: Any, sampling_rate: float = 16000, cfg: FeatureConfig = FeatureConfig()
+) -> list[np.ndarray]:
+    """Validate and resample: one 1-D array, a (B, N) array, or a list/tuple of 1-D arrays -> list of 1-D float32.
+
+    Raises TypeError for non-float samples, ValueError for a wrong shape, an empty input, NaN/inf or a waveform
+    shorter than `min_samples(cfg)` (after resampling to `cfg.sampling_rate`).
+    """
+    if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.number)) or sampling_rate <= 0:
+        raise ValueError(f"sampling_rate must be a positive number, got {sampling_rate!r}")
+    if isinstance(waveforms, (list, tuple)):
+        if len(waveforms) == 0:
+            raise ValueError("got an empty list of waveforms")
+        items = [(f"waveform {i}", w) for i, w in enumerate(waveforms)]
+        single = False
+    else:
+        items = [("waveform", waveforms)]
+        single = True
+    rows: list[tuple[str, np.ndarray]] = []
+    for name, w in items:
+        dtype = np.dtype(w.dtype) if hasattr(w, "dtype") else np.asarray(w).dtype
+        if not np.issubdtype(dtype, np.floating):
+            hint = ""
+            if np.issubdtype(dtype, np.integer):
+                hint = " (integer PCM: read files with granite_jax.audio.load_audio, or divide int16 by 32768)"
+            raise TypeError(f"{name} has dtype {dtype}; expected floating-point samples in [-1, 1]{hint}")
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, reported below
+            w = np.asarray(w, np.float32)
+        if single and w.ndim == 2:
+            if w.shape[0] == 0:
+                raise ValueError(f"got a {w.shape} batch: no waveforms")
+            rows.extend((f"waveform {i}", row) for i, row in enumerate(w))
+        elif w.ndim == 1:
+            rows.append((name, w))
+        else:
+            allowed = "1-D (one utterance) or 2-D (batch, samples)" if single else "1-D"
+            raise ValueError(f"{name} has shape {w.shape}; expected {allowed}")
+    out = []
+    for name, w in rows:
+        if w.shape[0] == 0:
+            raise ValueError(f"{name} is empty")
+        if not np.all(np.isfinite(w)):
+            raise ValueError(f"{name} contains NaN or infinite samples (as float32)")
+        if sampling_rate != cfg.sampling_rate:
+            from granite_jax.audio import resample
+
+            w = resample(w, sampling_rate, cfg.sampling_rate)
+            check_num_samples(w.shape[0], cfg, f"{name} (resampled from {sampling_rate} Hz)")
+        else:
+            check_num_samples(w.shape[0], cfg, name)
+        out.append(w)
+    return out
+
+
+def extract_features(
+    waveforms: Any,
+    sampling_rate: float = 16000,
+    *,
+    batch_mode: BatchMode = "per_utterance",
+    cfg: FeatureConfig = FeatureConfig(),
+) -> tuple[jax.Array, np.ndarray]:
+    """Waveforms -> (features (B, T, 2 * n_mels) jax array, lengths (B,) int32 encoder frames per utterance).
+
+    `waveforms`: one 1-D float array, a (B, N) array, or a list/tuple of 1-D arrays (numpy or jax), resampled to
+    `cfg.sampling_rate` when `sampling_rate` differs, then zero-padded to the longest. `batch_mode`:
+    "per_utterance" gives each row what it gives alone, zeros past its length (pass `lengths` to the encoder);
+    "hf" gives exactly HF's extractor on the list, padding included. `lengths` is HF's encoder length of each
+    utterance, (1 + samples // hop) // 2, in both modes.
+    """
+    if batch_mode not in _BATCH_MODES:
+        raise ValueError(f"batch_mode must be one of {_BATCH_MODES}, got {batch_mode!r}")
+    rows = prepare_waveforms(waveforms, sampling_rate, cfg)
+    raw = np.array([w.shape[0] for w in rows], np.int32)
+    batch = np.zeros((len(rows), int(raw.max())), np.float32)
+    for i, w in enumerate(rows):
+        batch[i, : w.shape[0]] = w
+    features = _log_mel_jit(batch, raw, cfg, hf_batch=batch_mode == "hf")
+    return features, num_encoder_frames(raw, cfg).astype(np.int32)
+
+
+__all__ = [
+    "FeatureConfig",
+    "extract_features",
+    "log_mel",
+    "mel_filterbank",
+    "min_samples",
+    "num_encoder_frames",
+    "num_mel_frames",
+    "prepare_waveforms",
+]

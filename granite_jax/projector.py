@@ -1,0 +1,267 @@
+"""The Granite Speech audio projector in Flax NNX: a BLIP-2 Q-Former over windows of encoder frames.
+
+Mirrors transformers' `GraniteSpeechEncoderProjector` (the plus variant's is the same module, with a wider
+`encoder_hidden_size`): `query`, `qformer.{layernorm, encoder.layer[i].{attention, crossattention,
+intermediate_query, output_query, intermediate, output}}`, `linear`. NNX paths are the HF keys minus
+`projector.`, with only the leaves renamed (weight -> kernel for Linear, -> scale for LayerNorm).
+
+What the reference does, kept here:
+- the encoder output (B, T, W) is zero-padded to whole windows of `window_size` frames and each window is
+  one Q-Former "image": `num_queries` learned queries cross-attend to its frames, with no mask, so the
+  zero frames padding the last window are attended to like real ones;
+- the queries enter with batch 1: layer 0's self-attention runs once for all windows and its
+  cross-attention broadcasts them against the windows (layer 0 always cross-attends: 0 % freq == 0);
+- post-LayerNorm residual blocks; the feed-forward is `intermediate_query` / `output_query`
+  (`intermediate` / `output` exist only with use_qformer_text_input and are never used for queries).
+
+Zeros past an utterance's end reproduce that utterance run alone: its last window is padded with zeros
+either way, and the windows after it are all zeros (their outputs are simply not used). So
+`projector(encoder_output_with_zeros_past_lengths)[i, :num_audio_embeddings(len_i)]` is row i alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from granite_jax.config import ProjectorConfig
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # transformers' "gelu" is the exact erf form
+    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_python_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The JAX function for a transformers ACT2FN name (those in `config.PROJECTOR_ACTIVATIONS`)."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r} (one of {', '.join(_ACTIVATIONS)})") from None
+
+
+def _dense(rngs: nnx.Rngs, n_in: int, n_out: int, **kw) -> nnx.Linear:
+    return nnx.Linear(n_in, n_out, rngs=rngs, **kw)
+
+
+def _layer_norm(rngs: nnx.Rngs, pcfg: ProjectorConfig, **kw) -> nnx.LayerNorm:
+    # Statistics in fp32 whatever the compute dtype (flax promotes them); two-pass variance like torch.
+    return nnx.LayerNorm(pcfg.hidden_size, epsilon=pcfg.layer_norm_eps, use_fast_variance=False, rngs=rngs, **kw)
+
+
+class QFormerMultiHeadAttention(nnx.Module):
+    """`Blip2QFormerMultiHeadAttention`: query/key/value projections and unmasked softmax attention.
+
+    As cross-attention, keys and values come from the encoder windows (width encoder_hidden_size).
+    """
+
+    def __init__(self, pcfg: ProjectorConfig, *, is_cross_attention: bool, rngs: nnx.Rngs, **kw):
+        kv_width = pcfg.encoder_hidden_size if is_cross_attention else pcfg.hidden_size
+        self.num_heads = pcfg.num_attention_heads
+        self.head_dim = pcfg.head_dim
+        self.query = _dense(rngs, pcfg.hidden_size, pcfg.hidden_size, **kw)
+        self.key = _dense(rngs, kv_width, pcfg.hidden_size, **kw)
+        self.value = _dense(rngs, kv_width, pcfg.hidden_size, **kw)
+
+    def __call__(self, x: Float[Array, "bq q d"], states: Float[Array, "b k e"] | None = None) -> Float[Array, "b q d"]:
+        src = x if states is None else states
+        h, d = self.num_heads, self.head_dim
+        q = self.query(x).reshape(*x.shape[:2], h, d)
+        k = self.key(src).reshape(*src.shape[:2], h, d)
+        v = self.value(src).reshape(*src.shape[:2], h, d)
+        if q.shape[0] != k.shape[0]:  # the learned queries (batch 1) meet every window, as torch broadcasts
+            q = jnp.broadcast_to(q, (k.shape[0], *q.shape[1:]))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (b h q k): windows, heads, queries, keys
+        weights = jax.nn.softmax(logits.astype(jnp.float32) * d**-0.5, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # (b q h d)
+        return out.reshape(*out.shape[:2], h * d)
+
+
+class QFormerSelfOutput(nnx.Module):
+    """`Blip2QFormerSelfOutput` (and `Blip2QFormerOutput`): LayerNorm(dense(h) + residual)."""
+
+    def __init__(self, pcfg: ProjectorConfig, n_in: int, *, rngs: nnx.Rngs, **kw):
+        self.dense = _dense(rngs, n_in, pcfg.hidden_size, **kw)
+        self.LayerNorm = _layer_norm(rngs, pcfg, **kw)
+
+    def __call__(self, h: Float[Array, "b q i"], residual: Float[Array, "bq q d"]) -> Float[Array, "b q d"]:
+        return self.LayerNorm(self.dense(h) + residual)
+
+
+class QFormerAttention(nnx.Module):
+    """`Blip2QFormerAttention`: multi-head attention then the post-norm residual block."""
+
+    def __init__(self, pcfg: ProjectorConfig, *, is_cross_attention: bool = False, rngs: nnx.Rngs, **kw):
+        self.attention = QFormerMultiHeadAttention(pcfg, is_cross_attention=is_cross_attention, rngs=rngs, **kw)
+        self.output = QFormerSelfOutput(pcfg, pcfg.hidden_size, rngs=rngs, **kw)
+
+    def __call__(self, x: Float[Array, "bq q d"], states: Float[Array, "b k e"] | None = None) -> Float[Array, "b q d"]:
+        return self.output(self.attention(x, states), x)
+
+
+class QFormerIntermediate(nnx.Module):
+    """`Blip2QFormerIntermediate`: dense to intermediate_size, then hidden_act."""
+
+    def __init__(self, pcfg: ProjectorConfig, *, rngs: nnx.Rngs, **kw):
+        self.dense = _dense(rngs, pcfg.hidden_size, pcfg.intermediate_size, **kw)
+        self.act = activation(pcfg.hidden_act)
+
+    def __call__(self, x: Float[Array, "b q d"]) -> Float[Array, "b q i"]:
+        return self.act(self.dense(x))
+
+
+class QFormerLayer(nnx.Module):
+    """`Blip2QFormerLayer` for query-only input: self-attention, cross-attention on layers
+    idx % cross_attention_frequency == 0, then the query feed-forward (post-norm residual)."""
+
+    def __init__(self, pcfg: ProjectorConfig, layer_idx: int, *, rngs: nnx.Rngs, **kw):
+        self.attention = QFormerAttention(pcfg, rngs=rngs, **kw)
+        self.has_cross_attention = pcfg.has_cross_attention(layer_idx)
+        if self.has_cross_attention:
+            self.crossattention = QFormerAttention(pcfg, is_cross_attention=True, rngs=rngs, **kw)
+        if pcfg.use_qformer_text_input:  # text-token feed-forward: a home for its weights, unused for queries
+            self.intermediate = QFormerIntermediate(pcfg, rngs=rngs, **kw)
+            self.output = QFormerSelfOutput(pcfg, pcfg.intermediate_size, rngs=rngs, **kw)
+        self.intermediate_query = QFormerIntermediate(pcfg, rngs=rngs, **kw)
+        self.output_query = QFormerSelfOutput(pcfg, pcfg.intermediate_size, rngs=rngs, **kw)
+
+    def __call__(self, x: Float[Array, "bq q d"], states: Float[Array, "b k e"]) -> Float[Array, "b q d"]:
+        x = self.attention(x)
+        if self.has_cross_attention:
+            x = self.crossattention(x, states)
+        return self.output_query(self.intermediate_query(x), x)
+
+
+class QFormerEncoder(nnx.Module):
+    """`Blip2QFormerEncoder`: the stack of layers."""
+
+    def __init__(self, pcfg: ProjectorConfig, *, rngs: nnx.Rngs, **kw):
+        self.layer = nnx.List([QFormerLayer(pcfg, i, rngs=rngs, **kw) for i in range(pcfg.num_hidden_layers)])
+
+    def __call__(self, x: Float[Array, "1 q d"], states: Float[Array, "b k e"]) -> Float[Array, "b q d"]:
+        for layer in self.layer:
+            x = layer(x, states)
+        return x
+
+
+class QFormerModel(nnx.Module):
+    """`Blip2QFormerModel` on query embeddings: LayerNorm, then the encoder (no text embeddings)."""
+
+    def __init__(self, pcfg: ProjectorConfig, *, rngs: nnx.Rngs, **kw):
+        self.layernorm = _layer_norm(rngs, pcfg, **kw)
+        self.encoder = QFormerEncoder(pcfg, rngs=rngs, **kw)
+
+    def __call__(self, query_embeds: Float[Array, "1 q d"], states: Float[Array, "b k e"]) -> Float[Array, "b q d"]:
+        return self.encoder(self.layernorm(query_embeds), states)
+
+
+class GraniteSpeechProjector(nnx.Module):
+    """`GraniteSpeechEncoderProjector` in NNX: encoder output (B, T, W) -> (B, ceil(T / window) * nq, llm).
+
+    Computes in `dtype` (default: param_dtype); softmax and LayerNorm statistics in fp32.
+    """
+
+    def __init__(self, pcfg: ProjectorConfig, *, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.config = pcfg
+        self.dtype = dtype
+        self.query = nnx.Param(jax.random.normal(rngs.params(), (1, pcfg.num_queries, pcfg.hidden_size), param_dtype))
+        self.qformer = QFormerModel(pcfg, rngs=rngs, **kw)
+        self.linear = _dense(rngs, pcfg.hidden_size, pcfg.llm_hidden_size, **kw)
+
+    @property
+    def compute_dtype(self):
+        return self.dtype if self.dtype is not None else self.query[...].dtype
+
+    def __call__(self, hidden_states: Float[Array, "b t w"]) -> Float[Array, "b n l"]:
+        pcfg = self.config
+        b, t, w = hidden_states.shape
+        if w != pcfg.encoder_hidden_size:
+            raise ValueError(
+                f"hidden states have width {w}; the projector expects encoder_hidden_size={pcfg.encoder_hidden_size}"
+            )
+        if t == 0:
+            raise ValueError("hidden states must have at least one frame")
+        dtype = self.compute_dtype
+        n = -(-t // pcfg.window_size)  # windows per utterance
+        x = jnp.pad(hidden_states.astype(dtype), ((0, 0), (0, n * pcfg.window_size - t), (0, 0)))
+        x = x.reshape(b * n, pcfg.window_size, w)  # (b*n, window, w): one Q-Former input per window
+        out = self.qformer(self.query[...].astype(dtype), x)  # (b*n, nq, hidden)
+        return self.linear(out.reshape(b, n * pcfg.num_queries, pcfg.hidden_size))
+
+
+def num_audio_embeddings(encoder_lengths: int | Sequence[int] | np.ndarray, pcfg: ProjectorConfig):
+    """Projector outputs per utterance: ceil(frames / window_size) * num_queries (HF's audio_embed_sizes).
+
+    An int gives an int; a sequence or array gives an int64 array of the same shape.
+    """
+    lens = np.asarray(encoder_lengths)
+    if not np.issubdtype(lens.dtype, np.integer) or (lens < 0).any():
+        raise ValueError(f"encoder lengths must be non-negative integers, got {encoder_lengths!r}")
+    out = -(-lens.astype(np.int64) // pcfg.window_size) * pcfg.num_queries
+    return int(out) if out.ndim == 0 else out
+
+
+# -- parameters as flat {path: array} dicts (the converter's and the checkpoint's currency) ------------
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def abstract_projector_params(pcfg: ProjectorConfig, *, param_dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
+    """{path: ShapeDtypeStruct} of every projector parameter, nothing allocated."""
+    model = nnx.eval_shape(lambda: GraniteSpeechProjector(pcfg, param_dtype=param_dtype))
+    return {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def projector_from_params(
+    pcfg: ProjectorConfig,
+    params: Mapping[str, np.ndarray],
+    *,
+    dtype=None,
+    param_dtype=jnp.float32,
+    consume: bool = False,
+) -> GraniteSpeechProjector:
+    """Build the projector with the given parameters ({NNX path: array}, paths without `projector.`).
+
+    Cast to param_dtype. `params` may be lazy; with `consume`, each entry is deleted once on the device.
+    """
+    model = nnx.eval_shape(lambda: GraniteSpeechProjector(pcfg, dtype=dtype, param_dtype=param_dtype))
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    names = {_path_str(p) for p, _ in flat}
+    if names != set(params):
+        missing, extra = sorted(names - set(params)), sorted(set(params) - names)
+        raise ValueError(f"projector parameters do not fit the config: missing {missing}, unexpected {extra}")
+    leaves = []
+    for path, var in flat:
+        name = _path_str(path)
+        want = var.get_value()
+        value = np.asarray(params[name])
+        if value.shape != want.shape:
+            raise ValueError(f"projector {name}: shape {value.shape}, config expects {want.shape}")
+        leaves.append((path, var.replace(jnp.asarray(value, dtype=want.dtype))))
+        del value
+        if consume:
+            del params[name]
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def projector_params_of(model: GraniteSpeechProjector) -> dict[str, np.ndarray]:
+    """The projector's parameters as a flat {path: numpy array} dict."""
+    return {_path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
