@@ -113,21 +113,7 @@ class EncoderConfig:
 
         Accepts a bare encoder config or a full `GraniteSpeech(Plus)Config` (its `encoder_config`).
         """
-        if isinstance(config, (str, os.PathLike)):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            try:
-                with open(path) as f:
-                    config = json.load(f)
-            except FileNotFoundError:
-                raise ConfigError(f"no config.json at {path}") from None
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        elif hasattr(config, "to_dict"):
-            config = config.to_dict()
-        if not isinstance(config, dict):
-            raise ConfigError(f"expected a dict, a path or a PretrainedConfig, got {type(config).__name__}")
+        config = read_hf_config(config)
         model_type = config.get("model_type")
         if "encoder_config" in config or model_type in _FULL_MODEL_TYPES:
             enc = config.get("encoder_config")
@@ -205,23 +191,23 @@ _QFORMER_DEFAULTS = dict(
 _TEXT_HIDDEN_SIZE_DEFAULT = 4096
 
 
-def _read_config(config: Any) -> dict:
-    """A config given as a path (file or directory holding config.json), dict or PretrainedConfig -> dict."""
+def read_hf_config(config: Any, filename: str = "config.json") -> dict:
+    """An HF config given as a path (the file, or a directory holding `filename`), dict or PretrainedConfig -> dict."""
     if isinstance(config, (str, os.PathLike)):
         path = os.fspath(config)
         if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
+            path = os.path.join(path, filename)
         try:
             with open(path) as f:
                 config = json.load(f)
         except FileNotFoundError:
-            raise ConfigError(f"no config.json at {path}") from None
+            raise ConfigError(f"no {filename} at {path}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
     elif hasattr(config, "to_dict"):
         config = config.to_dict()
     if not isinstance(config, dict):
-        raise ConfigError(f"expected a dict, a path or a PretrainedConfig, got {type(config).__name__}")
+        raise ConfigError(f"expected a dict, a path to {filename} or a PretrainedConfig, got {type(config).__name__}")
     return config
 
 
@@ -330,7 +316,7 @@ class ProjectorConfig:
         `config`: a path to `config.json` or a directory, a dict or a `PretrainedConfig`. Sub-configs a full
         config leaves out get transformers' defaults (Blip2QFormerConfig, GraniteConfig.hidden_size).
         """
-        config = _read_config(config)
+        config = read_hf_config(config)
         model_type = config.get("model_type")
         if "projector_config" not in config and model_type not in _FULL_MODEL_TYPES:
             if model_type is None or model_type in _ENCODER_MODEL_TYPES:

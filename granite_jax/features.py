@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Literal
 
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from granite_jax.config import ConfigError
+from granite_jax.config import ConfigError, read_hf_config
 
 BatchMode = Literal["per_utterance", "hf"]
 _BATCH_MODES = ("per_utterance", "hf")
@@ -68,19 +67,7 @@ class FeatureConfig:
         HF's extractor reads only the top-level fields (missing ones take the defaults) and ignores the saved
         `melspec_kwargs`; one that disagrees with them is rejected, since the file then says two things.
         """
-        if isinstance(config, (str, os.PathLike)):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "preprocessor_config.json")
-            try:
-                with open(path) as f:
-                    config = json.load(f)
-            except FileNotFoundError:
-                raise ConfigError(f"no preprocessor_config.json at {path}") from None
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"expected a dict or a path to preprocessor_config.json, got {type(config).__name__}")
+        config = read_hf_config(config, "preprocessor_config.json")
         fe_type = config.get("feature_extractor_type")
         if fe_type is not None and fe_type != "GraniteSpeechFeatureExtractor":
             raise ConfigError(f"feature_extractor_type {fe_type!r} is not GraniteSpeechFeatureExtractor")

@@ -17,6 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from granite_jax.config import EncoderConfig
+from granite_jax.nnx_params import abstract_variables, module_from_params, variables_of
 
 LN_EPS = 1e-5  # torch nn.LayerNorm / nn.BatchNorm1d default
 
@@ -290,14 +291,9 @@ class GraniteSpeechEncoder(nnx.Module):
 
 
 # -- parameters as flat {path: array} dicts (the converter's and the checkpoint's currency) ------------
-def _path_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def abstract_params(cfg: EncoderConfig, *, param_dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
     """{path: ShapeDtypeStruct} of every variable (params and BatchNorm statistics), nothing allocated."""
-    model = nnx.eval_shape(lambda: GraniteSpeechEncoder(cfg, param_dtype=param_dtype))
-    return {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    return abstract_variables(lambda: GraniteSpeechEncoder(cfg, param_dtype=param_dtype))
 
 
 def encoder_from_params(
@@ -313,26 +309,11 @@ def encoder_from_params(
     `params` may be lazy (read on access). With `consume`, each entry is deleted from `params` once it is
     on the device, so the weights are never held twice.
     """
-    model = nnx.eval_shape(lambda: GraniteSpeechEncoder(cfg, dtype=dtype, param_dtype=param_dtype))
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    names = {_path_str(p) for p, _ in flat}
-    if names != set(params):
-        missing, extra = sorted(names - set(params)), sorted(set(params) - names)
-        raise ValueError(f"parameters do not fit the config: missing {missing}, unexpected {extra}")
-    leaves = []
-    for path, var in flat:
-        want = var.get_value()
-        value = np.asarray(params[_path_str(path)])
-        if value.shape != want.shape:
-            raise ValueError(f"{_path_str(path)}: shape {value.shape}, config expects {want.shape}")
-        leaves.append((path, var.replace(jnp.asarray(value, dtype=want.dtype))))
-        del value
-        if consume:
-            del params[_path_str(path)]
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return module_from_params(
+        lambda: GraniteSpeechEncoder(cfg, dtype=dtype, param_dtype=param_dtype), params, consume=consume
+    )
 
 
 def params_of(model: GraniteSpeechEncoder) -> dict[str, np.ndarray]:
     """The model's variables as a flat {path: numpy array} dict."""
-    return {_path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+    return variables_of(model)

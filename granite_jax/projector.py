@@ -30,6 +30,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from granite_jax.config import ProjectorConfig
+from granite_jax.nnx_params import abstract_variables, module_from_params, variables_of
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # transformers' "gelu" is the exact erf form
@@ -219,14 +220,9 @@ def num_audio_embeddings(encoder_lengths: int | Sequence[int] | np.ndarray, pcfg
 
 
 # -- parameters as flat {path: array} dicts (the converter's and the checkpoint's currency) ------------
-def _path_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def abstract_projector_params(pcfg: ProjectorConfig, *, param_dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
     """{path: ShapeDtypeStruct} of every projector parameter, nothing allocated."""
-    model = nnx.eval_shape(lambda: GraniteSpeechProjector(pcfg, param_dtype=param_dtype))
-    return {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    return abstract_variables(lambda: GraniteSpeechProjector(pcfg, param_dtype=param_dtype))
 
 
 def projector_from_params(
@@ -241,27 +237,14 @@ def projector_from_params(
 
     Cast to param_dtype. `params` may be lazy; with `consume`, each entry is deleted once on the device.
     """
-    model = nnx.eval_shape(lambda: GraniteSpeechProjector(pcfg, dtype=dtype, param_dtype=param_dtype))
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    names = {_path_str(p) for p, _ in flat}
-    if names != set(params):
-        missing, extra = sorted(names - set(params)), sorted(set(params) - names)
-        raise ValueError(f"projector parameters do not fit the config: missing {missing}, unexpected {extra}")
-    leaves = []
-    for path, var in flat:
-        name = _path_str(path)
-        want = var.get_value()
-        value = np.asarray(params[name])
-        if value.shape != want.shape:
-            raise ValueError(f"projector {name}: shape {value.shape}, config expects {want.shape}")
-        leaves.append((path, var.replace(jnp.asarray(value, dtype=want.dtype))))
-        del value
-        if consume:
-            del params[name]
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return module_from_params(
+        lambda: GraniteSpeechProjector(pcfg, dtype=dtype, param_dtype=param_dtype),
+        params,
+        consume=consume,
+        what="projector ",
+    )
 
 
 def projector_params_of(model: GraniteSpeechProjector) -> dict[str, np.ndarray]:
     """The projector's parameters as a flat {path: numpy array} dict."""
-    return {_path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+    return variables_of(model)
