@@ -60,6 +60,32 @@ def audio_seconds(name: str) -> float:
     return float(batch * seconds)
 
 
+def flops_per_frame(c: dict) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the encoder per input frame, from the config dict.
+
+    Per layer: two feed-forwards, the q/kv/out projections, the block-local core (q.k, the Shaw term
+    q.E over c keys, weights.v), the conv module's pointwise convs and depthwise taps; plus the input
+    projection and the self-conditioning head. 44.7 GFLOP per second of audio at production size.
+    """
+    d, inner, ctx = (
+        c["hidden_dim"],
+        c["num_heads"] * (c["dim_head"] or c["hidden_dim"] // c["num_heads"]),
+        c["context_size"],
+    )
+    e = c["conv_expansion_factor"] * d
+    layer = (
+        2 * 2 * 2 * d * c["feedforward_mult"] * d  # ff1, ff2: up and down
+        + 2 * d * 3 * inner
+        + 2 * inner * d  # to_q, to_kv, to_out
+        + 3 * 2 * ctx * inner  # q.k, Shaw term, weights.v
+        + 2 * d * 2 * e
+        + 2 * e * d
+        + 2 * c["conv_kernel_size"] * e  # up_conv, down_conv, depthwise
+    )
+    head = 2 * c["input_dim"] * d + (2 * 2 * d * c["output_dim"] if c["num_layers"] >= 2 else 0)
+    return c["num_layers"] * layer + head
+
+
 def memory_status() -> dict[str, int]:
     """VmRSS (resident now), RssAnon, RssFile (file-backed, e.g. mmapped weights), VmHWM (peak) in bytes."""
     keys = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
@@ -115,7 +141,28 @@ def _time_calls(fn: Any, n: int) -> list[float]:
     return times
 
 
-def worker(side: str, case: str, ckpt: str, *, runs: int, warmup: int, save: str | None, buckets: str) -> dict:
+def peak_worker() -> dict:
+    """GFLOP/s of one 2048 x 2048 fp32 matmul: jax.jit(jnp.dot) and torch.matmul (best of 5 after warm-up)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+    ja = jnp.asarray(a)
+    dot = jax.jit(jnp.dot)
+    ta = torch.from_numpy(a)
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {}
+    for name, fn in (("jax", lambda: dot(ja, ja).block_until_ready()), ("torch", lambda: torch.matmul(ta, ta))):
+        _time_calls(fn, 2)
+        out[f"{name}_gflops"] = 2 * n**3 / min(_time_calls(fn, 5)) / 1e9
+    return out
+
+
+def worker(
+    side: str, case: str, ckpt: str, *, runs: int, warmup: int, save: str | None, buckets: str, dtype: str = "float32"
+) -> dict:
     """Load one side's encoder from `ckpt`, time it on `case`, return the measurements."""
     features = case_features(case)
     rss_start = current_rss_bytes()
@@ -153,7 +200,7 @@ def worker(side: str, case: str, ckpt: str, *, runs: int, warmup: int, save: str
 
         rss_import = current_rss_bytes()
         t0 = time.perf_counter()
-        model = granite_jax.load(ckpt, buckets=buckets)
+        model = granite_jax.load(ckpt, buckets=buckets, dtype=dtype)
         jax.block_until_ready(nnx.state(model.model))
         load_s = time.perf_counter() - t0
 
@@ -161,10 +208,10 @@ def worker(side: str, case: str, ckpt: str, *, runs: int, warmup: int, save: str
             last["out"] = jax.block_until_ready(model.encode_features(features))
 
         def to_numpy() -> np.ndarray:
-            return np.asarray(last["out"])
+            return np.asarray(last["out"], np.float32)
 
         extra = {
-            "backend": f"jax {jax.default_backend()} ({jax.devices()[0].device_kind})",
+            "backend": f"jax {jax.default_backend()} ({jax.devices()[0].device_kind}), {dtype}",
             "padded_frames": model.bucket_frames(features.shape[1]) if hasattr(model, "bucket_frames") else None,
         }
     else:
@@ -249,6 +296,7 @@ def run_worker(side: str, case: str, ckpt: str, args: argparse.Namespace, save: 
     """Run one worker subprocess; return its JSON result, or {'error': ...} if it failed."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--case", case, "--ckpt", ckpt]
     cmd += ["--runs", str(args.runs), "--warmup", str(args.warmup), "--jax-buckets", args.jax_buckets]
+    cmd += ["--jax-dtype", args.jax_dtype]
     if save:
         cmd += ["--save", save]
     t0 = time.perf_counter()
@@ -267,17 +315,21 @@ def _timing(r: dict) -> str:
     return f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f})"
 
 
-def format_table(results: dict[str, dict[str, dict]]) -> str:
-    """The markdown results table, one row per case."""
+def format_table(results: dict[str, dict[str, dict]], flops_frame: float, peak_gflops: float | None) -> str:
+    """The markdown results table, one row per case. GFLOP/s count the audio's own frames, not padding."""
     head = (
         "| case | torch median s (min-max) | jax median s (min-max) | speed-up (torch/jax) | torch RTF | jax RTF "
-        "| jax compile s | torch peak RSS GB | jax peak RSS GB | RSS ratio (jax/torch) |"
+        "| jax GFLOP/s | % of jnp.dot | jax first call s over median | torch peak RSS GB | jax peak RSS GB "
+        "| RSS ratio (jax/torch) |"
     )
-    rows = [head, "|" + "---|" * 10]
+    rows = [head, "|" + "---|" * 12]
     for case, sides in results.items():
         t, j = sides["torch"], sides["jax"]
         ok_t, ok_j = "error" not in t, "error" not in j
         na = "n/a"
+        gflops = (
+            flops_frame * CASES[case][0] * CASES[case][1] * FRAMES_PER_SECOND / j["median_s"] / 1e9 if ok_j else None
+        )
         rows.append(
             "| "
             + " | ".join(
@@ -288,6 +340,8 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
                     f"{t['median_s'] / j['median_s']:.2f}x" if ok_t and ok_j else na,
                     f"{t['rtf']:.4f}" if ok_t else na,
                     f"{j['rtf']:.4f}" if ok_j else na,
+                    f"{gflops:.0f}" if gflops else na,
+                    f"{100 * gflops / peak_gflops:.0f}%" if gflops and peak_gflops else na,
                     f"{j['compile_s']:.1f}" if ok_j else na,
                     _gb(t["peak_rss_bytes"]) if ok_t else na,
                     _gb(j["peak_rss_bytes"]) if ok_j else na,
@@ -348,6 +402,7 @@ def main_parent(args: argparse.Namespace) -> int:
         "runs": args.runs,
         "warmup": args.warmup,
         "jax_buckets": args.jax_buckets,
+        "jax_dtype": args.jax_dtype,
         "loadavg_start": os.getloadavg(),
     }
     print(f"# granite_jax vs transformers encoder benchmark ({'production' if args.layers is None else 'reduced'})")
@@ -376,8 +431,19 @@ def main_parent(args: argparse.Namespace) -> int:
         print(
             f"- encoder: {c['num_layers']} layers x {c['hidden_dim']} wide, {c['num_heads']} heads x {c['dim_head']}, "
             f"ff x{c['feedforward_mult']}, context {c['context_size']}, conv kernel {c['conv_kernel_size']}, "
-            f"output_dim {c['output_dim']}, float32"
+            f"output_dim {c['output_dim']}; torch float32, jax {args.jax_dtype}"
         )
+        flops_frame = flops_per_frame(c)
+        print(f"- {flops_frame * FRAMES_PER_SECOND / 1e9:.1f} GFLOP per second of audio (analytic, multiply-adds x 2)")
+        peak = _run_json([sys.executable, os.path.abspath(__file__), "--peak"], "matmul peak")
+        peak_gflops = peak.get("jax_gflops")
+        if peak_gflops:
+            info["matmul_peak"] = peak
+            print(
+                f"- 2048 x 2048 fp32 matmul: jax.jit(jnp.dot) {peak_gflops:.0f} GFLOP/s, torch.matmul "
+                f"{peak['torch_gflops']:.0f} GFLOP/s (best of 5)",
+                flush=True,
+            )
         print(f"- weights: {n_params / 1e6:.1f}M parameters ({n_params * 4 / GB:.2f} GB fp32)")
         print(f"- checkpoint made and converted in {prep['prepare_s']:.1f} s (in a subprocess)", flush=True)
 
@@ -402,13 +468,16 @@ def main_parent(args: argparse.Namespace) -> int:
         print(f"- jax backend: {backend}")
     print(*format_memory(results), sep="\n")
     print()
-    print(format_table(results))
+    print(format_table(results, flops_frame, peak_gflops))
     print()
     padded = [
         f"{c} {s['jax']['frames']}->{s['jax']['padded_frames']}" for c, s in results.items() if "error" not in s["jax"]
     ]
     print(f"jax pads frames to a length bucket ({args.jax_buckets!r}): {', '.join(padded)}.")
-    print("RTF = median seconds / seconds of audio (all rows). jax compile s = first call - median steady call.")
+    print(
+        "RTF = median seconds / seconds of audio (all rows). jax first call s over median = first call (trace, "
+        "compile, first run) - median steady call. % of jnp.dot = jax GFLOP/s / the matmul line above."
+    )
     non_finite = [f"{c}/{side}" for c, s in results.items() for side, r in s.items() if r.get("finite") is False]
     if non_finite:
         print(f"NOT FINITE outputs: {', '.join(non_finite)}")
@@ -445,7 +514,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"compare jax vs torch outputs on the {CHECK_CASE} case (default on)",
     )
     p.add_argument("--jax-buckets", default="auto", choices=("auto", "block"), help="granite_jax length buckets")
+    p.add_argument(
+        "--jax-dtype", default="float32", choices=("float32", "bfloat16"), help="granite_jax weights and compute"
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write the raw results as JSON")
+    p.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     # internal: one worker process
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--case", choices=tuple(CASES), help=argparse.SUPPRESS)
@@ -466,6 +539,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.peak:
+        print(json.dumps(peak_worker()), flush=True)
+        return
     if args.prepare:
         print(json.dumps(prepare(args.prepare, args.layers)), flush=True)
         return
@@ -478,6 +554,7 @@ def main() -> None:
             warmup=args.warmup,
             save=args.save,
             buckets=args.jax_buckets,
+            dtype=args.jax_dtype,
         )
         print(json.dumps(result), flush=True)
         return

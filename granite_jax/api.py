@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,33 +12,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
 from granite_jax import checkpoint
 from granite_jax.config import EncoderConfig
-from granite_jax.features import FeatureConfig, log_mel, num_encoder_frames, prepare_waveforms
+from granite_jax.features import FeatureConfig, log_mel, min_samples, num_encoder_frames, prepare_waveforms
 from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params
 from granite_jax.projector import GraniteSpeechProjector, num_audio_embeddings, projector_from_params
 
 
-def _geometric_blocks(n: int) -> int:
-    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^(k-1)) that is >= n."""
-    p = 1 << (n.bit_length() - 1)  # largest power of two <= n
-    if n == p:
-        return p
-    return p * 3 // 2 if p >= 2 and n <= p * 3 // 2 else 2 * p
+def _ladder_frames(t: int, per_octave: int = 8) -> int:
+    """Smallest m * 2^e >= t with per_octave <= m < 2 * per_octave: 8, 9, ..., 15, 16, 18, ..., 30, 32, 36, ...
+
+    At most 1/per_octave padding (about half that on average), and per_octave compiles per doubling.
+    """
+    e = max(0, (t - 1).bit_length() - per_octave.bit_length())
+    m = -(-t // (1 << e))
+    while m >= 2 * per_octave:  # rounding up crossed into the next octave
+        e += 1
+        m = -(-t // (1 << e))
+    return max(m, per_octave) << e
 
 
 @dataclass(frozen=True)
 class BucketPolicy:
     """Which padded length T is compiled for an input of `t` frames.
 
-    - "auto" (default): a whole number of blocks from 1, 2, 3, 4, 6, 8, 12, 16, ... blocks of
-      context_size frames. At most 50% padding (mostly under 33%), and a stream of lengths up to
-      N blocks compiles at most about 2 log2(N) times.
-    - "block": the next multiple of context_size (least padding; one compile per block count).
-    - a sequence of frame counts (multiples of context_size): the smallest that fits; longer inputs
-      fall back to "auto".
+    - "auto" (default): the next of 8, 9, ..., 15, 16, 18, ..., 30, 32, 36, ... frames (8 steps per
+      doubling): at most 12.5% padding, about 4% on average, and a stream of lengths up to N frames
+      compiles at most about 8 log2(N / 8) times. Rows longer than one tile (`chunk_blocks`) are cut
+      into whole blocks, so there the ladder counts blocks: 30 blocks (120 s) run as 30.
+    - "block": the next multiple of context_size (one compile per block count).
+    - a sequence of frame counts: the smallest that fits; longer inputs fall back to "auto".
     Padding is exact: padded frames are masked, so the result does not depend on the bucket.
     """
 
@@ -52,22 +59,21 @@ class BucketPolicy:
                 raise ValueError(f"buckets must be 'auto', 'block' or a list of frame counts, got {spec!r}")
             return cls(spec)
         frames = tuple(sorted(int(f) for f in spec))
-        bad = [f for f in frames if f <= 0 or f % context_size]
+        bad = [f for f in frames if f <= 0]
         if not frames or bad:
-            raise ValueError(
-                f"bucket sizes must be positive multiples of context_size={context_size}, got {bad or frames}"
-            )
+            raise ValueError(f"bucket sizes must be positive frame counts, got {bad or frames}")
         return cls(frames)
 
-    def frames_for(self, t: int, context_size: int) -> int:
+    def frames_for(self, t: int, context_size: int, tile_frames: int | None = None) -> int:
         if isinstance(self.mode, tuple):
             for f in self.mode:
                 if f >= t:
                     return f
-        blocks = math.ceil(t / context_size)
         if self.mode == "block":
-            return blocks * context_size
-        return _geometric_blocks(blocks) * context_size
+            return math.ceil(t / context_size) * context_size
+        if tile_frames is not None and t > tile_frames:  # tiled rows are cut into whole blocks: ladder of blocks
+            return _ladder_frames(math.ceil(t / context_size)) * context_size
+        return _ladder_frames(t)
 
 
 class _Bound:
@@ -86,6 +92,11 @@ class _Bound:
 
     def values(self) -> list[jax.Array]:
         return [v.get_value() for _, v in self.variables]
+
+    def place(self, sharding: jax.sharding.Sharding) -> None:
+        """Put every Variable's value (the module's own Variables) on `sharding`."""
+        for _, v in self.variables:
+            v.set_value(jax.device_put(v.get_value(), sharding))
 
     def merge(self, values) -> nnx.Module:
         pairs = [(p, v.replace(x)) for (p, v), x in zip(self.variables, values, strict=True)]
@@ -144,6 +155,35 @@ def ctc_greedy_decode(
     return texts
 
 
+def _resolve_devices(devices) -> list[jax.Device]:
+    """`devices=` of `GraniteEncoder` / `load` -> a non-empty list of distinct devices local to this process."""
+    local = jax.local_devices()
+    if devices is None:
+        return list(local)
+    if isinstance(devices, numbers.Integral) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(local):
+            raise ValueError(
+                f"devices={devices!r}: this process has {len(local)} local device(s); pass 1..{len(local)}"
+            )
+        return list(local[: int(devices)])
+    if isinstance(devices, jax.Device):
+        devices = [devices]
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence | np.ndarray):
+        raise ValueError(f"devices must be None, a device count or a list of jax devices, got {devices!r}")
+    devs = list(devices)
+    if not devs:
+        raise ValueError("devices must not be empty")
+    bad = [d for d in devs if not isinstance(d, jax.Device)]
+    if bad:
+        raise ValueError(f"devices must be jax devices (e.g. from jax.local_devices()), got {bad!r}")
+    if len(set(devs)) != len(devs):
+        raise ValueError(f"devices must be distinct, got {devs!r}")
+    remote = [d for d in devs if d not in local]
+    if remote:
+        raise ValueError(f"devices must be local to this process (jax.local_devices()), got {remote!r}")
+    return devs
+
+
 class GraniteEncoder:
     """A Granite Speech encoder (and projector, when the checkpoint has one) ready to run under `jax.jit`.
 
@@ -152,6 +192,15 @@ class GraniteEncoder:
     - `audio_embeddings(hidden_states, lengths)`: the projector (what Granite feeds its LLM).
     - `ctc_logits(hidden_states)` and `ctc_greedy(...)`: the CTC head.
     `model` (and `projector`) are the NNX modules, for probing or fine-tuning.
+
+    `devices`: where it runs; None (default) = all of `jax.local_devices()`, an int = the first that many,
+    or a list of local devices. The parameters are replicated on them once, here: the modules' own
+    Variables, so values set later must stay so placed (`NamedSharding(self.mesh, PartitionSpec())`), and
+    of two GraniteEncoders on one module the later one's devices win. `encode`, `encode_features` and
+    `audio_embeddings` split the batch (leading axis) over a 1-D mesh with axis "batch", padding it to a
+    multiple of the device count with dummy rows that are dropped again. The result is the same as on
+    one device; it stays sharded when the batch is a multiple of the device count (else the rows are
+    gathered: a jax.Array cannot split 3 rows over 4 devices).
     """
 
     def __init__(
@@ -161,9 +210,14 @@ class GraniteEncoder:
         projector: GraniteSpeechProjector | None = None,
         feature_config: FeatureConfig | None = None,
         buckets: str | Sequence[int] | BucketPolicy = "auto",
-        chunk_blocks: int | None = 32,
+        chunk_blocks: int | None = 8,
         provenance: dict | None = None,
+        devices: int | Sequence[jax.Device] | None = None,
     ):
+        self.devices = _resolve_devices(devices)
+        self.mesh = Mesh(np.array(self.devices), ("batch",))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._batch_sharded = NamedSharding(self.mesh, PartitionSpec("batch"))
         self.model = model
         self.config: EncoderConfig = model.config
         self.projector = projector
@@ -177,32 +231,52 @@ class GraniteEncoder:
         self._compute_dtype = jnp.dtype(model.input_linear.kernel.get_value().dtype)
         self._encoder = _Bound(model)
         self._projector = _Bound(projector) if projector is not None else None
+        for bound in (self._encoder, self._projector):
+            if bound is not None:
+                bound.place(self._replicated)  # once; zero-copy when already on the one device
         self._traces = 0
-        self._forward = jax.jit(self._forward_impl)
-        self._encode = jax.jit(self._encode_impl, static_argnames=("hf_batch", "with_projector"))
-        self._project = jax.jit(self._project_impl)
+        # Inputs arrive split over the mesh (`_shard`), the parameters replicated: each device runs its rows.
+        by_rows = self._batch_sharded
+        self._forward = jax.jit(self._forward_impl, out_shardings=by_rows)
+        self._encode = jax.jit(self._encode_impl, static_argnames=("hf_batch", "with_projector"), out_shardings=by_rows)
+        self._project = jax.jit(self._project_impl, out_shardings=by_rows)
         self._ctc = jax.jit(self._ctc_impl)
 
     # -- the compiled functions (each runs once per trace: per compiled shape) ----------------------------
+    def _per_device(self, fn: Callable, num_params: int, num_rows: int) -> Callable:
+        """`fn(*params, *rows)` run by each device on its own rows (`jax.shard_map`); `fn` itself on one device.
+
+        Not left to the partitioner: the encoder's tiling loops slice the batch axis, which it would gather.
+        """
+        if len(self.devices) == 1:
+            return fn
+        rows = PartitionSpec("batch")
+        specs = (PartitionSpec(),) * num_params + (rows,) * num_rows
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=rows, check_vma=False)
+
     def _run_encoder(self, values, features, frame_lengths):
         valid = jnp.arange(features.shape[1])[None, :] < frame_lengths[:, None]
         return self._encoder.merge(values)(features, valid, chunk_blocks=self.chunk_blocks)
 
     def _forward_impl(self, values, features, lengths):
         self._traces += 1
-        return self._run_encoder(values, features, lengths)
+        return self._per_device(self._run_encoder, 1, 2)(values, features, lengths)
 
     def _encode_impl(self, enc_values, proj_values, waveforms, sample_lengths, frame_lengths, hf_batch, with_projector):
         self._traces += 1
-        features = log_mel(waveforms, sample_lengths, self.feature_config, hf_batch=hf_batch)
-        features = features.astype(self._compute_dtype)
-        hidden = self._run_encoder(enc_values, features, frame_lengths)
-        embeddings = self._projector.merge(proj_values)(hidden) if with_projector else None
-        return features, hidden, embeddings
+
+        def rows(enc_values, proj_values, waveforms, sample_lengths, frame_lengths):
+            features = log_mel(waveforms, sample_lengths, self.feature_config, hf_batch=hf_batch)
+            features = features.astype(self._compute_dtype)
+            hidden = self._run_encoder(enc_values, features, frame_lengths)
+            embeddings = self._projector.merge(proj_values)(hidden) if with_projector else None
+            return features, hidden, embeddings
+
+        return self._per_device(rows, 2, 3)(enc_values, proj_values, waveforms, sample_lengths, frame_lengths)
 
     def _project_impl(self, values, hidden_states):
         self._traces += 1
-        return self._projector.merge(values)(hidden_states)
+        return self._per_device(lambda values, h: self._projector.merge(values)(h), 1, 1)(values, hidden_states)
 
     def _ctc_impl(self, values, hidden_states):
         self._traces += 1
@@ -216,7 +290,20 @@ class GraniteEncoder:
 
     def bucket_frames(self, num_frames: int) -> int:
         """The padded length that an input of `num_frames` frames runs at."""
-        return self.buckets.frames_for(num_frames, self.config.context_size)
+        c = self.config.context_size
+        return self.buckets.frames_for(num_frames, c, self.chunk_blocks and self.chunk_blocks * c)
+
+    def padded_batch(self, batch: int) -> int:
+        """The batch size that `batch` rows run at: the next multiple of the number of devices."""
+        n = len(self.devices)
+        return -(-batch // n) * n
+
+    def _shard(self, x: np.ndarray | jax.Array, fill=0) -> jax.Array:
+        """Split rows (leading axis) over the mesh; numpy rows are first padded with `fill` to `padded_batch`."""
+        if isinstance(x, np.ndarray):
+            extra = self.padded_batch(x.shape[0]) - x.shape[0]
+            x = np.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        return jax.device_put(x, self._batch_sharded)
 
     # -- features -> hidden states -----------------------------------------------------------------------
     def encode_features(
@@ -245,8 +332,10 @@ class GraniteEncoder:
             raise ValueError(f"features must be a floating-point array, got {x.dtype}")
         lens = _check_lengths(lengths, b, t)
         tb = self.bucket_frames(t)
-        x = jnp.pad(jnp.asarray(x, self._compute_dtype), ((0, 0), (0, tb - t), (0, 0)))
-        out = self._forward(self._encoder.values(), x, jnp.asarray(lens))[:, :t]
+        # dummy rows (zeros, length 1) fill the batch up to a multiple of the device count
+        x = jnp.pad(jnp.asarray(x, self._compute_dtype), ((0, self.padded_batch(b) - b), (0, tb - t), (0, 0)))
+        out = self._forward(self._encoder.values(), self._shard(x), self._shard(lens, fill=1))
+        out = out[:b, :t]
         return out[0] if squeeze else out
 
     # -- hidden states -> LLM embeddings, CTC --------------------------------------------------------------
@@ -270,10 +359,10 @@ class GraniteEncoder:
         tb = -(-self.bucket_frames(t) // w) * w  # bucketed, whole windows
         h = jnp.asarray(h, self._compute_dtype)
         h = jnp.where(jnp.arange(t)[None, :, None] < jnp.asarray(lens)[:, None, None], h, 0)
-        h = jnp.pad(h, ((0, 0), (0, tb - t), (0, 0)))
+        h = jnp.pad(h, ((0, self.padded_batch(b) - b), (0, tb - t), (0, 0)))
         counts = num_audio_embeddings(lens, self.projector_config)
-        emb = self._project(self._projector.values(), h)[:, : num_audio_embeddings(t, self.projector_config)]
-        return emb, counts
+        emb = self._project(self._projector.values(), self._shard(h))
+        return emb[:b, : num_audio_embeddings(t, self.projector_config)], counts
 
     def ctc_logits(self, hidden_states: Float[Array, "b t w"] | np.ndarray) -> Float[Array, "b t v"]:
         """The CTC head (`out`) on the final layer's hidden states: (B, T, output_dim) logits."""
@@ -331,19 +420,23 @@ class GraniteEncoder:
         sample_lengths = np.full_like(n, n.max()) if hf else n
         frame_lengths = np.full_like(frames, t) if hf else frames
         with_projector = embeddings and self.projector is not None
+        # Dummy rows: silence of the shortest length (one frame); in HF mode as long as the others, so that
+        # each device's own maximum (log_mel's hf_batch) is the batch's.
+        b = len(waves)
+        dummy_samples = int(n.max()) if hf else min_samples(fc)
         features, hidden, emb = self._encode(
             self._encoder.values(),
             self._projector.values() if with_projector else None,
-            jnp.asarray(batch),
-            jnp.asarray(sample_lengths, jnp.int32),
-            jnp.asarray(frame_lengths, jnp.int32),
+            self._shard(batch),
+            self._shard(sample_lengths.astype(np.int32), fill=dummy_samples),
+            self._shard(frame_lengths.astype(np.int32), fill=1),
             hf_batch=hf,
             with_projector=with_projector,
         )
-        result = EncodeResult(features[:, :t], hidden[:, :t], frames.astype(np.int32))
+        result = EncodeResult(features[:b, :t], hidden[:b, :t], frames.astype(np.int32))
         if with_projector:
             counts = num_audio_embeddings(frames, self.projector_config)
-            result.audio_embeddings = emb[:, : num_audio_embeddings(t, self.projector_config)]
+            result.audio_embeddings = emb[:b, : num_audio_embeddings(t, self.projector_config)]
             result.embedding_counts = counts
         return result
 
@@ -379,16 +472,20 @@ def load(
     *,
     dtype: str = "float32",
     buckets: str | Sequence[int] | BucketPolicy = "auto",
-    chunk_blocks: int | None = 32,
+    chunk_blocks: int | None = 8,
+    devices: int | Sequence[jax.Device] | None = None,
 ) -> GraniteEncoder:
     """Load an encoder (and its projector) from a granite-jax-convert directory, or convert an HF one in memory.
 
     `path`: a granite_jax checkpoint, an HF checkpoint directory, or a hub id (downloaded if online).
     `dtype`: parameter and compute dtype ("float32" default); stored parameters are cast to it.
-    `buckets`: padded-length policy, see `BucketPolicy`. `chunk_blocks`: inputs longer than this many
-    blocks (32 = 128 s) run chunk by chunk inside each layer, so memory grows only with the hidden states
-    (about 12% slower than unchunked here, hence the large default; None never chunks).
+    `buckets`: padded-length policy, see `BucketPolicy`. `chunk_blocks`: each layer works through the
+    batch in tiles of about this many blocks' frames (8 x 200 = 1600 by default): cache-sized intermediates
+    (faster on CPU) and memory that grows only with the hidden states, however long the audio or large the
+    batch. None never tiles (one pass over the whole batch: more memory, slower on CPU).
+    `devices`: see `GraniteEncoder`.
     """
+    devices = _resolve_devices(devices)  # fail before reading the weights
     path = os.fspath(path)
     if checkpoint.is_checkpoint(path):
         loaded = checkpoint.load(path)
@@ -410,5 +507,10 @@ def load(
             loaded.projector_config, loaded.projector_params, param_dtype=param_dtype, dtype=param_dtype
         )
     return GraniteEncoder(
-        model, projector=projector, buckets=buckets, chunk_blocks=chunk_blocks, provenance=loaded.provenance
+        model,
+        projector=projector,
+        buckets=buckets,
+        chunk_blocks=chunk_blocks,
+        provenance=loaded.provenance,
+        devices=devices,
     )

@@ -46,18 +46,12 @@ class FeedForward(nnx.Module):
         return self.dropout(self.down_proj(h))
 
 
-def relative_distances(context_size: int, max_pos_emb: int) -> np.ndarray:
-    """(c, c) indices into the Shaw table: clamp(i - j, -c, c) + max_pos_emb, as the reference builds them."""
-    seq = np.arange(context_size)
-    return np.clip(seq[:, None] - seq[None, :], -context_size, context_size) + max_pos_emb
-
-
 class Attention(nnx.Module):
     """Block-local multi-head attention with Shaw relative positions.
 
-    The sequence is cut into blocks of `context_size` frames; each frame attends within its block.
-    The relative term is an einsum of the queries with the (c, c, dim_head) table: never a
-    (..., c, c, dim_head) product.
+    The sequence is cut into blocks of `context_size` frames (the last one padded and masked); each frame
+    attends within its block. The relative term never forms a (..., c, c, dim_head) product, nor even the
+    gathered (c, c, dim_head) table: see `relative_logits`.
     """
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
@@ -74,28 +68,41 @@ class Attention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, deterministic=True)
 
     def __call__(self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:
+        """Any T: the projections run on the T frames, the block-local core on T padded to whole blocks."""
         b, t, _ = x.shape
         c, h = self.context_size, self.num_heads
-        if t % c:
-            raise ValueError(f"Attention expects T padded to a multiple of context_size {c}, got {t}")
-        n = t // c
+        n = -(-t // c)
+        pad = ((0, 0), (0, n * c - t), (0, 0))
         # Padded frames are zero after the norm, exactly as the reference's F.pad of normalised states.
         x = jnp.where(valid[..., None], self.pre_norm(x), 0)
-        q = self.to_q(x).reshape(b, n, c, h, -1)
-        k, v = jnp.split(self.to_kv(x), 2, axis=-1)
+        q = jnp.pad(self.to_q(x), pad).reshape(b, n, c, h, -1)
+        k, v = jnp.split(jnp.pad(self.to_kv(x), pad), 2, axis=-1)
         k = k.reshape(b, n, c, h, -1)
         v = v.reshape(b, n, c, h, -1)
-        table = self.rel_pos_emb.embedding[...]
-        rel = table[relative_distances(c, self.max_pos_emb)]  # (c, c, dim_head): query, key, d
-        scale = self.dim_head**-0.5
-        # (b n h c c): content term plus Shaw term, both contracted over d; no 6-D product.
-        logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q, k) + jnp.einsum("bnqhd,qkd->bnhqk", q, rel.astype(q.dtype))
-        logits = logits.astype(jnp.float32) * scale
-        key_valid = valid.reshape(b, n, 1, 1, c)
+        logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q, k) + self.relative_logits(q)  # (b n h c c)
+        logits = logits.astype(jnp.float32) * self.dim_head**-0.5
+        key_valid = jnp.pad(valid, pad[:2]).reshape(b, n, 1, 1, c)
         logits = jnp.where(key_valid, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnhqk,bnkhd->bnqhd", weights, v).reshape(b, t, -1)  # (b t h*d)
+        out = jnp.einsum("bnhqk,bnkhd->bnqhd", weights, v).reshape(b, n * c, -1)[:, :t]  # (b t h*d)
         return self.dropout(self.to_out(out))
+
+    def relative_logits(self, q: Float[Array, "b n c h d"]) -> Float[Array, "b n h c c"]:
+        """Shaw term q_i . E[clamp(i - j) + max_pos_emb] without gathering a (c, c, dim_head) table.
+
+        Within a block i - j only takes the 2c - 1 values -(c-1)..c-1, so q meets those table rows in one
+        matmul; then the usual relative shift (pad one column, flatten, re-cut rows of 2c - 1) moves each
+        query's row so that column j holds distance i - j.
+        """
+        b, n, c, h, _ = q.shape
+        r = 2 * c - 1
+        rows = self.max_pos_emb + c - 1 - np.arange(r)  # column s <-> distance c - 1 - s (clamp never binds)
+        table = self.rel_pos_emb.embedding[...][rows].astype(q.dtype)  # (r, d)
+        scores = jnp.einsum("bnqhd,rd->bnhqr", q, table)  # (b n h c r): column s = distance c - 1 - s
+        flat = jnp.pad(scores, ((0, 0),) * 4 + ((0, 1),)).reshape(b, n, h, c * (r + 1))
+        # Query i's distances i - j for j = 0..c-1 sit at columns c - 1 - i + j: a run of c from flat offset
+        # c - 1 + i * r once rows are r + 1 wide.
+        return flat[..., c - 1 : c - 1 + c * r].reshape(b, n, h, c, r)[..., :c]
 
 
 class DepthWiseConv1d(nnx.Module):
@@ -119,10 +126,13 @@ class DepthWiseConv1d(nnx.Module):
         """The conv over frames that already carry their `padding` (zeros or neighbouring frames)."""
         t = xp.shape[1] - (self.kernel_size - 1)
         w = self.kernel[...].astype(xp.dtype)
-        out = xp[:, 0:t] * w[0]
-        for j in range(1, self.kernel_size):
-            out = out + xp[:, j : j + t] * w[j]
-        return out
+
+        # A loop over the taps, not k slices of one expression: XLA CPU would fuse xp's producer (the GLU)
+        # into every tap and, inside a while loop, run that fusion about 10x slower.
+        def tap(j, out):
+            return out + jax.lax.dynamic_slice_in_dim(xp, j, t, axis=1) * w[j]
+
+        return jax.lax.fori_loop(1, self.kernel_size, tap, xp[:, :t] * w[0])
 
 
 class BatchNorm1d(nnx.BatchNorm):
@@ -194,42 +204,63 @@ class ConformerBlock(nnx.Module):
         return self.post_norm(x)
 
     def __call__(
-        self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], *, chunk_frames: int | None = None
+        self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], *, tile_frames: int | None = None
     ) -> Float[Array, "b t d"]:
-        """The block; with `chunk_frames` (a multiple of context_size), worked through in chunks of that
-        many frames so that temporaries stay bounded however long the input: same result."""
+        """The block. With `tile_frames`, a batch of more frames than that is worked through in tiles of
+        about that many (rows of the batch, or whole blocks of one row): same result, but the big
+        intermediates (4x-wide feed-forward, attention logits) stay cache-sized and memory stays flat."""
         b, t, d = x.shape
         left, right = self.conv.depth_conv.padding
         halo = ((0, 0), (left, right))
         valid_p = jnp.pad(valid, halo)
-        if chunk_frames is None or chunk_frames >= t:
+        if tile_frames is None or b * t <= tile_frames:
             return self.convolve(jnp.pad(self.attend(x, valid), halo + ((0, 0),)), valid_p)
-        c = self.attn.context_size
-        if chunk_frames % c or t % c:
-            raise ValueError(f"chunk_frames ({chunk_frames}) and T ({t}) must be multiples of context_size {c}")
-        num_chunks = -(-t // chunk_frames)
+        rows, span, starts = tile_plan(b, t, tile_frames, self.attn.context_size)
+        num_tiles = len(starts)
+        starts = jnp.asarray(starts, jnp.int32)  # (num_tiles, 2): first row, first frame
 
-        def start_of(i):  # the last chunk is moved back to end at T (it recomputes a few blocks, exactly)
-            return jnp.minimum(i * chunk_frames, t - chunk_frames)
-
-        def attend_chunk(i, y):  # y: (b, t + k - 1, d), the attention half written between the halos
-            s = start_of(i)
-            xc = jax.lax.dynamic_slice_in_dim(x, s, chunk_frames, axis=1)
-            vc = jax.lax.dynamic_slice_in_dim(valid, s, chunk_frames, axis=1)
-            return jax.lax.dynamic_update_slice_in_dim(y, self.attend(xc, vc).astype(y.dtype), s + left, axis=1)
+        def attend_tile(i, y):  # y: (b, t + k - 1, d), the attention half written between the halos
+            r, s = starts[i, 0], starts[i, 1]
+            xc = jax.lax.dynamic_slice(x, (r, s, 0), (rows, span, d))
+            vc = jax.lax.dynamic_slice(valid, (r, s), (rows, span))
+            return jax.lax.dynamic_update_slice(y, self.attend(xc, vc).astype(y.dtype), (r, s + left, 0))
 
         # The loops' buffers start from x (every frame gets overwritten; the halos of y stay zero): a buffer
         # built from constants would be independent of the data, and XLA would allocate all layers' up front.
-        y = jax.lax.fori_loop(0, num_chunks, attend_chunk, jnp.pad(x, halo + ((0, 0),)))
-        window = chunk_frames + left + right
+        y = jax.lax.fori_loop(0, num_tiles, attend_tile, jnp.pad(x, halo + ((0, 0),)))
+        window = span + left + right
 
-        def convolve_chunk(i, out):
-            s = start_of(i)
-            yw = jax.lax.dynamic_slice_in_dim(y, s, window, axis=1)
-            vw = jax.lax.dynamic_slice_in_dim(valid_p, s, window, axis=1)
-            return jax.lax.dynamic_update_slice_in_dim(out, self.convolve(yw, vw).astype(out.dtype), s, axis=1)
+        def convolve_tile(i, out):
+            r, s = starts[i, 0], starts[i, 1]
+            yw = jax.lax.dynamic_slice(y, (r, s, 0), (rows, window, d))
+            vw = jax.lax.dynamic_slice(valid_p, (r, s), (rows, window))
+            return jax.lax.dynamic_update_slice(out, self.convolve(yw, vw).astype(out.dtype), (r, s, 0))
 
-        return jax.lax.fori_loop(0, num_chunks, convolve_chunk, x)
+        return jax.lax.fori_loop(0, num_tiles, convolve_tile, x)
+
+
+def tile_plan(b: int, t: int, tile_frames: int, context_size: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """How a (b, t) batch is cut into equal tiles of about `tile_frames` frames: (rows, span, starts).
+
+    Rows that fit whole are grouped; longer rows are cut into whole blocks (t must then be a multiple of
+    context_size). The last tile along each axis is moved back to end at the edge, so tiles overlap rather
+    than pad: the overlap is recomputed, with the same result.
+    """
+    if t <= tile_frames:
+        rows = min(b, max(1, tile_frames // t))
+        row_starts = [min(i * rows, b - rows) for i in range(-(-b // rows))]
+        return rows, t, [(r, 0) for r in row_starts]
+    c = context_size
+    if t % c:
+        raise ValueError(f"rows longer than tile_frames ({tile_frames}) must be whole blocks of {c}, got T={t}")
+    blocks = t // c
+    fewest = -(-blocks // max(1, tile_frames // c))  # tiles per row, at the most blocks per tile
+    # Equal tiles of whole blocks overrun the row by num * ceil(blocks / num) - blocks (recomputed
+    # overlap): take the count, up to twice the fewest, that overruns least (30 blocks: 5 x 6, not 4 x 8).
+    num = min(range(fewest, 2 * fewest + 1), key=lambda k: (k * -(-blocks // k), k))
+    span = -(-blocks // num) * c
+    time_starts = [min(i * span, t - span) for i in range(num)]
+    return 1, span, [(r, s) for r in range(b) for s in time_starts]
 
 
 class GraniteSpeechEncoder(nnx.Module):
@@ -237,7 +268,8 @@ class GraniteSpeechEncoder(nnx.Module):
 
     `__call__(features, valid)` takes (B, T, input_dim) and a (B, T) mask of valid frames and returns
     (B, T, output_width) with zeros at invalid frames. T need not be a multiple of context_size.
-    `chunk_blocks`: work through inputs longer than that many blocks chunk by chunk in every layer, so that
+    `chunk_blocks`: work through the batch in tiles of about that many blocks' frames in every layer (rows
+    of the batch, or whole blocks of one long row), so that the big intermediates stay cache-sized and
     memory beyond the hidden states stays flat however long the audio (same result; see ConformerBlock).
     """
 
@@ -268,7 +300,8 @@ class GraniteSpeechEncoder(nnx.Module):
             raise ValueError(f"features have {f} channels, the encoder expects input_dim={cfg.input_dim}")
         if valid is None:
             valid = jnp.ones((b, t), bool)
-        pad = -t % cfg.context_size
+        tile = chunk_blocks * cfg.context_size if chunk_blocks else None
+        pad = -t % cfg.context_size if tile is not None and t > tile else 0  # long rows: tiles of whole blocks
         if pad:
             features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
             valid = jnp.pad(valid, ((0, 0), (0, pad)))
@@ -277,7 +310,7 @@ class GraniteSpeechEncoder(nnx.Module):
         x = self.input_linear(features)
         exported = {0: x} if 0 in cfg.exported_layers else {}
         for idx, layer in enumerate(self.layers, start=1):
-            x = layer(x, valid, chunk_frames=chunk_blocks and chunk_blocks * cfg.context_size)
+            x = layer(x, valid, tile_frames=tile)
             if idx == cfg.self_conditioning_layer:
                 x = self.self_condition(x)
             # The reference appends before its in-place `+=`, so the export at the self-conditioning

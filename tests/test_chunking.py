@@ -1,18 +1,17 @@
-"""Long inputs run chunk by chunk inside each layer (bounded memory) and give the unchunked result."""
+"""Batches run tile by tile inside each layer (bounded memory) and give the untiled result."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY, convert_cli, make_hf_checkpoint, rel_err, requires_torch, torch_encode
 from flax import nnx
 
 import granite_jax
-from granite_jax.modeling import GraniteSpeechEncoder
+from granite_jax.modeling import GraniteSpeechEncoder, tile_plan
 
 CONFIGS = {
     "tiny": TINY,
@@ -36,11 +35,23 @@ def test_chunked_equals_unchunked(name, chunk_blocks):
     assert not np.asarray(got)[~valid].any()
 
 
-def test_chunk_frames_must_be_whole_blocks():
-    model = GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0))
-    x = jnp.zeros((1, 4 * TINY.context_size, TINY.hidden_dim))
-    with pytest.raises(ValueError, match="multiples of context_size"):
-        model.layers[0](x, jnp.ones(x.shape[:2], bool), chunk_frames=TINY.context_size + 1)
+@pytest.mark.parametrize("b,t", [(1, 11 * 8), (3, 11 * 8), (5, 24), (7, 8), (2, 8 * 9)])
+@pytest.mark.parametrize("tile", [8, 16, 24, 40, 1000])
+def test_tile_plan_covers_every_frame_once_or_more(b, t, tile):
+    """Tiles are equal, lie inside the batch, cover every frame, and long rows are cut at block edges."""
+    rows, span, starts = tile_plan(b, t, tile, context_size=8)
+    covered = np.zeros((b, t), int)
+    for r, s in starts:
+        assert 0 <= r <= b - rows and 0 <= s <= t - span
+        covered[r : r + rows, s : s + span] += 1
+        assert span == t or s % 8 == 0
+    assert covered.min() >= 1
+    assert rows * span <= max(tile, t) or rows == 1
+
+
+def test_long_rows_must_be_whole_blocks():
+    with pytest.raises(ValueError, match="whole blocks"):
+        tile_plan(1, 8 * 5 + 1, 16, context_size=8)
 
 
 @requires_torch

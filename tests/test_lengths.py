@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY, convert_cli, make_hf_checkpoint, rel_err, requires_torch, torch_encode
 
 import granite_jax
-from granite_jax.api import BucketPolicy, _geometric_blocks
+from granite_jax.api import BucketPolicy, _ladder_frames
 
 CFG = dataclasses.replace(TINY, num_layers=3, conv_kernel_size=6, cat_hidden_layers=(0, 1))
 
@@ -56,13 +56,13 @@ def test_full_lengths_equal_no_lengths(pair):
 def test_same_bucket_does_not_recompile(pair):
     _, model = pair
     rng = np.random.default_rng(1)
-    model.encode_features(rng.standard_normal((2, 50, CFG.input_dim)).astype(np.float32))
+    model.encode_features(rng.standard_normal((2, 200, CFG.input_dim)).astype(np.float32))
     n = model.num_compilations
-    same_bucket = [t for t in range(1, 80) if model.bucket_frames(t) == model.bucket_frames(50)]
+    same_bucket = [t for t in range(1, 300) if model.bucket_frames(t) == model.bucket_frames(200)]
     assert len(same_bucket) > 10
     for t in same_bucket:
         model.encode_features(rng.standard_normal((2, t, CFG.input_dim)).astype(np.float32))
-    model.encode_features(rng.standard_normal((2, 50, CFG.input_dim)).astype(np.float32), lengths=[3, 50])
+    model.encode_features(rng.standard_normal((2, 200, CFG.input_dim)).astype(np.float32), lengths=[3, 200])
     assert model.num_compilations == n
 
 
@@ -75,25 +75,31 @@ def test_stream_of_lengths_compiles_once_per_bucket(pair):
     for t in lengths:
         model.encode_features(np.zeros((1, int(t), CFG.input_dim), np.float32))
     assert model.num_compilations - before <= len(buckets)
-    assert len(buckets) <= 2 * np.log2(400 / CFG.context_size) + 2
+    assert len(buckets) <= 8 * np.log2(400 / 8) + 1
 
 
-def test_geometric_buckets():
-    assert [_geometric_blocks(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
-    for n in range(1, 5000):
-        b = _geometric_blocks(n)
-        assert n <= b <= max(1.5 * n, n + 1)
+def test_ladder_buckets():
+    assert [_ladder_frames(n) for n in (1, 8, 9, 15, 16, 17, 18, 19, 31, 33)] == [8, 8, 9, 15, 16, 18, 18, 20, 32, 36]
+    assert [_ladder_frames(n) for n in (500, 1500, 6000)] == [512, 1536, 6144]
+    for n in range(1, 20000):
+        b = _ladder_frames(n)
+        assert n <= b <= max(8, 1.125 * n)
+    assert len({_ladder_frames(n) for n in range(50, 6001)}) <= 8 * np.log2(6000 / 50) + 1
 
 
 def test_bucket_policies():
     assert BucketPolicy.make("block", 200).frames_for(401, 200) == 600
-    assert BucketPolicy.make("auto", 200).frames_for(1001, 200) == 1200
+    assert BucketPolicy.make("auto", 200).frames_for(1001, 200) == 1024
+    # past one tile, rows are cut into whole blocks, so the bucket is whole blocks too
+    assert BucketPolicy.make("auto", 200).frames_for(6000, 200, tile_frames=1600) == 6000
+    assert BucketPolicy.make("auto", 200).frames_for(6201, 200, tile_frames=1600) == 6400
+    assert BucketPolicy.make("auto", 200).frames_for(1500, 200, tile_frames=1600) == 1536
     explicit = BucketPolicy.make([1000, 400], 200)
     assert explicit.frames_for(1, 200) == 400
     assert explicit.frames_for(401, 200) == 1000
-    assert explicit.frames_for(1001, 200) == 1200  # past the largest: "auto"
-    with pytest.raises(ValueError, match="multiples of context_size"):
-        BucketPolicy.make([300], 200)
+    assert explicit.frames_for(1001, 200) == 1024  # past the largest: "auto"
+    with pytest.raises(ValueError, match="positive frame counts"):
+        BucketPolicy.make([0], 200)
     with pytest.raises(ValueError, match="buckets must be"):
         BucketPolicy.make("fast", 200)
 

@@ -34,3 +34,23 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
     assert not errors
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the notebook drew no plot"
+
+
+def test_memory_study_guard(monkeypatch):
+    """The memory-study notebook's helper: analytic 6-D size, and the broadcast form is never run past the limit."""
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent.parent / "benchmarks"))
+    import memory_study as ms
+
+    assert "memory_study" in [p.stem for p in NOTEBOOKS]
+    assert ms.intermediate_bytes(4) == 1 * 1 * 8 * 200 * 200 * 128 * 4  # one block: (1, 1, 8, 200, 200, 128) fp32
+    assert ms.intermediate_bytes(30, batch=8) == 64 * ms.intermediate_bytes(4)
+    ran = []
+    monkeypatch.setattr(
+        ms, "measure", lambda v, s, **kw: ran.append((v, s)) or {"variant": v, "seconds": s, "delta": 0, "time": 0.0}
+    )
+    rows = ms.study([4, 240], limit_gb=6.0, progress=False)
+    assert ("torch-broadcast", 240) not in ran and len(ran) == 5
+    assert [r for r in rows if "skipped" in r] == [
+        {"variant": "torch-broadcast", "seconds": 240, "skipped": "6-D intermediate 9.8 GB > 6 GB"}
+    ]
+    assert "skipped" in ms.markdown_table(rows)
