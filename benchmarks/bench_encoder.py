@@ -37,6 +37,7 @@ CASES: dict[str, tuple[int, int]] = {  # name -> (batch, seconds of audio per ro
     "120s": (1, 120),
     "8x30s": (8, 30),
     "600s": (1, 600),
+    "32x30s": (32, 30),  # the GPU case
 }
 DEFAULT_CASES = ("10s", "30s", "120s", "8x30s")
 CHECK_CASE = "10s"  # the case whose outputs are compared between torch and jax
@@ -161,7 +162,17 @@ def peak_worker() -> dict:
 
 
 def worker(
-    side: str, case: str, ckpt: str, *, runs: int, warmup: int, save: str | None, buckets: str, dtype: str = "float32"
+    side: str,
+    case: str,
+    ckpt: str,
+    *,
+    runs: int,
+    warmup: int,
+    save: str | None,
+    buckets: str,
+    dtype: str = "float32",
+    torch_device: str = "cpu",
+    torch_dtype: str = "float32",
 ) -> dict:
     """Load one side's encoder from `ckpt`, time it on `case`, return the measurements."""
     features = case_features(case)
@@ -175,23 +186,26 @@ def worker(
         torch.set_num_threads(os.cpu_count() or 1)
         rss_import = current_rss_bytes()
         t0 = time.perf_counter()
-        model = GraniteSpeechCTCEncoder.from_pretrained(ckpt, dtype=torch.float32).eval()
+        tdtype = getattr(torch, torch_dtype)
+        model = GraniteSpeechCTCEncoder.from_pretrained(ckpt, dtype=tdtype).eval().to(torch_device)
         # transformers maps the safetensors file lazily: touch every tensor so that the weights are resident
         # (as they are after the first forward) before the weights-only RSS is taken.
         with torch.inference_mode():
             for t in (*model.parameters(), *model.buffers()):
                 t.sum()
         load_s = time.perf_counter() - t0
-        x = torch.from_numpy(features)
+        x = torch.from_numpy(features).to(torch_device, tdtype)
 
         def call() -> None:
             with torch.inference_mode():
                 last["out"] = model(x).last_hidden_state
+            if torch_device != "cpu":
+                torch.cuda.synchronize()
 
         def to_numpy() -> np.ndarray:
-            return last["out"].numpy()
+            return last["out"].float().cpu().numpy()
 
-        extra = {"torch_threads": torch.get_num_threads(), "backend": "torch cpu"}
+        extra = {"torch_threads": torch.get_num_threads(), "backend": f"torch {torch_device}, {torch_dtype}"}
     elif side == "jax":
         import jax
         from flax import nnx
@@ -296,7 +310,7 @@ def run_worker(side: str, case: str, ckpt: str, args: argparse.Namespace, save: 
     """Run one worker subprocess; return its JSON result, or {'error': ...} if it failed."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--case", case, "--ckpt", ckpt]
     cmd += ["--runs", str(args.runs), "--warmup", str(args.warmup), "--jax-buckets", args.jax_buckets]
-    cmd += ["--jax-dtype", args.jax_dtype]
+    cmd += ["--jax-dtype", args.jax_dtype, "--torch-device", args.torch_device, "--torch-dtype", args.torch_dtype]
     if save:
         cmd += ["--save", save]
     t0 = time.perf_counter()
@@ -431,7 +445,7 @@ def main_parent(args: argparse.Namespace) -> int:
         print(
             f"- encoder: {c['num_layers']} layers x {c['hidden_dim']} wide, {c['num_heads']} heads x {c['dim_head']}, "
             f"ff x{c['feedforward_mult']}, context {c['context_size']}, conv kernel {c['conv_kernel_size']}, "
-            f"output_dim {c['output_dim']}; torch float32, jax {args.jax_dtype}"
+            f"output_dim {c['output_dim']}; torch {args.torch_dtype} on {args.torch_device}, jax {args.jax_dtype}"
         )
         flops_frame = flops_per_frame(c)
         print(f"- {flops_frame * FRAMES_PER_SECOND / 1e9:.1f} GFLOP per second of audio (analytic, multiply-adds x 2)")
@@ -474,6 +488,12 @@ def main_parent(args: argparse.Namespace) -> int:
         f"{c} {s['jax']['frames']}->{s['jax']['padded_frames']}" for c, s in results.items() if "error" not in s["jax"]
     ]
     print(f"jax pads frames to a length bucket ({args.jax_buckets!r}): {', '.join(padded)}.")
+    rtfx = [
+        f"{c} torch {1 / s['torch']['rtf']:.1f}, jax {1 / s['jax']['rtf']:.1f}"
+        for c, s in results.items()
+        if "error" not in s["torch"] and "error" not in s["jax"]
+    ]
+    print(f"RTFx (seconds of audio per wall second): {'; '.join(rtfx)}.")
     print(
         "RTF = median seconds / seconds of audio (all rows). jax first call s over median = first call (trace, "
         "compile, first run) - median steady call. % of jnp.dot = jax GFLOP/s / the matmul line above."
@@ -517,6 +537,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--jax-dtype", default="float32", choices=("float32", "bfloat16"), help="granite_jax weights and compute"
     )
+    p.add_argument("--torch-device", default="cpu", help="torch device for the reference side (cpu, cuda)")
+    p.add_argument("--torch-dtype", default="float32", choices=("float32", "bfloat16"), help="torch reference dtype")
     p.add_argument("--json", default=None, metavar="PATH", help="write the raw results as JSON")
     p.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     # internal: one worker process
@@ -555,6 +577,8 @@ def main() -> None:
             save=args.save,
             buckets=args.jax_buckets,
             dtype=args.jax_dtype,
+            torch_device=args.torch_device,
+            torch_dtype=args.torch_dtype,
         )
         print(json.dumps(result), flush=True)
         return

@@ -2,8 +2,9 @@
 
 The production encoder (16 x 1024, random weights) plus a 2-layer 1024-wide Q-Former projector, fp32, CPU.
 Each length runs in its own process, so peak RSS is that call's: weights, the input waveform, log-mel,
-hidden states, projector output and XLA's temporaries. Long inputs run chunk by chunk inside each layer
-(`chunk_blocks`, default 32 blocks = 128 s), so memory beyond the weights should grow linearly with length.
+hidden states, projector output and XLA's temporaries. Each layer works in tiles of 8 blocks (`chunk_blocks`),
+log-mel frames and projector windows go in chunks too, so memory beyond the weights should grow linearly with
+length, by about the hidden states' size (0.74 GB an hour per copy).
 
     python benchmarks/longform_memory.py                      # ~20 min on 2 cores (the hour is ~15 of them)
     python benchmarks/longform_memory.py --minutes 1 5 --layers 2

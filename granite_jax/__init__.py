@@ -2,6 +2,7 @@
 
 from granite_jax.api import BucketPolicy, EncodeResult, GraniteEncoder, ctc_greedy_decode, load
 from granite_jax.audio import load_audio, resample
+from granite_jax.cache import enable_compilation_cache
 from granite_jax.config import PRODUCTION, ConfigError, EncoderConfig, ProjectorConfig
 from granite_jax.features import FeatureConfig, extract_features
 from granite_jax.modeling import GraniteSpeechEncoder
@@ -21,6 +22,7 @@ __all__ = [
     "GraniteSpeechProjector",
     "ProjectorConfig",
     "ctc_greedy_decode",
+    "enable_compilation_cache",
     "extract_features",
     "load",
     "load_audio",

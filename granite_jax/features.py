@@ -134,6 +134,9 @@ def check_num_samples(num_samples: int, cfg: FeatureConfig = FeatureConfig(), wh
         )
 
 
+MEL_CHUNK_FRAMES = 16384  # mel frames (10 ms each) whose frame matrix and spectrum are held at once: ~130 MB
+
+
 def log_mel(
     waveforms: jax.Array,
     lengths: jax.Array,
@@ -148,7 +151,8 @@ def log_mel(
     `hf_batch=True`: every row is treated as `max(lengths)` samples long, i.e. HF's extractor on the list
     zero-padded to the longest (pass `lengths` = N for HF on the whole (B, N) array); later frames are 0.
     `lengths` must lie in [min_samples(cfg), N]; nothing is checked here (`extract_features` checks).
-    Memory is O(N): a (frames, win_length) frame matrix and its spectrum.
+    Memory: O(N) for the features, and the (frames, win_length) frame matrix and its spectrum are worked
+    through `MEL_CHUNK_FRAMES` frames at a time.
     """
     x = jnp.asarray(waveforms, jnp.float32)
     if x.ndim != 2:
@@ -164,17 +168,26 @@ def log_mel(
     # n_fft // 2 on the left and centres the window in n_fft. |rfft| does not see where in n_fft the window sits.
     off = (n_fft - win) // 2 - n_fft // 2
     k = -(-win // hop)  # hop-sized blocks a frame spans
-    j = jnp.arange((frames + k - 1) * hop, dtype=jnp.int32)[None, :] + off
-    j = jnp.abs(j)  # reflect at the start (no edge repeat)
-    j = jnp.where(j >= lens, 2 * (lens - 1) - j, j)  # reflect at each row's own end
-    j = jnp.clip(j, 0, n - 1)  # only frames past a row's length reach here; they are masked below
-    signal = jnp.take_along_axis(x, j, axis=1, mode="clip")
-    blocks = signal.reshape(batch, frames + k - 1, hop)
-    framed = jnp.concatenate([blocks[:, i : i + frames] for i in range(k)], axis=-1)[..., :win]
 
-    spec = jnp.fft.rfft(framed * _hann(win), n=n_fft, axis=-1)
-    power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
-    mel = jnp.matmul(power, _mel_filterbank(cfg), precision=jax.lax.Precision.HIGHEST)  # (B, frames, n_mels)
+    def mel_frames(first: jax.Array | int, count: int) -> jax.Array:  # (B, count, n_mels) from frame `first`
+        j = first * hop + jnp.arange((count + k - 1) * hop, dtype=jnp.int32)[None, :] + off
+        j = jnp.abs(j)  # reflect at the start (no edge repeat)
+        j = jnp.where(j >= lens, 2 * (lens - 1) - j, j)  # reflect at each row's own end
+        j = jnp.clip(j, 0, n - 1)  # only frames past a row's length reach here; they are masked below
+        signal = jnp.take_along_axis(x, j, axis=1, mode="clip")
+        blocks = signal.reshape(batch, count + k - 1, hop)
+        framed = jnp.concatenate([blocks[:, i : i + count] for i in range(k)], axis=-1)[..., :win]
+        spec = jnp.fft.rfft(framed * _hann(win), n=n_fft, axis=-1)
+        power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
+        return jnp.matmul(power, _mel_filterbank(cfg), precision=jax.lax.Precision.HIGHEST)
+
+    if batch * frames <= MEL_CHUNK_FRAMES:
+        mel = mel_frames(0, frames)
+    else:  # long audio: the frame matrix and its spectrum (~8 KB a frame) chunk by chunk
+        count = max(1, MEL_CHUNK_FRAMES // batch)
+        chunks = -(-frames // count)
+        mel = jax.lax.map(lambda i: mel_frames(i * count, count), jnp.arange(chunks))  # (chunks, B, count, m)
+        mel = jnp.moveaxis(mel, 0, 1).reshape(batch, chunks * count, -1)[:, :frames]
 
     logmel = jnp.log10(jnp.maximum(mel, 1e-10))
     valid = jnp.arange(frames)[None, :] < num_mel_frames(lens, cfg)  # (B, frames)

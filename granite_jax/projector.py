@@ -171,6 +171,9 @@ class QFormerModel(nnx.Module):
         return self.encoder(self.layernorm(query_embeds), states)
 
 
+CHUNK_WINDOWS = 1024  # windows (15,360 frames, 5 min at window 15) whose K/V are held at once
+
+
 class GraniteSpeechProjector(nnx.Module):
     """`GraniteSpeechEncoderProjector` in NNX: encoder output (B, T, W) -> (B, ceil(T / window) * nq, llm).
 
@@ -203,7 +206,15 @@ class GraniteSpeechProjector(nnx.Module):
         n = -(-t // pcfg.window_size)  # windows per utterance
         x = jnp.pad(hidden_states.astype(dtype), ((0, 0), (0, n * pcfg.window_size - t), (0, 0)))
         x = x.reshape(b * n, pcfg.window_size, w)  # (b*n, window, w): one Q-Former input per window
-        out = self.qformer(self.query[...].astype(dtype), x)  # (b*n, nq, hidden)
+        query = self.query[...].astype(dtype)
+        if b * n <= CHUNK_WINDOWS:
+            out = self.qformer(query, x)  # (b*n, nq, hidden)
+        else:  # long audio: windows are independent, so the cross-attention K/V are made a chunk at a time
+            chunks = -(-(b * n) // CHUNK_WINDOWS)
+            x = jnp.pad(x, ((0, chunks * CHUNK_WINDOWS - b * n), (0, 0), (0, 0)))
+            x = x.reshape(chunks, CHUNK_WINDOWS, pcfg.window_size, w)
+            out = jax.lax.map(lambda xs: self.qformer(query, xs), x)
+            out = out.reshape(chunks * CHUNK_WINDOWS, pcfg.num_queries, pcfg.hidden_size)[: b * n]
         return self.linear(out.reshape(b, n * pcfg.num_queries, pcfg.hidden_size))
 
 

@@ -221,6 +221,24 @@ def test_hf_batch_on_a_longer_padded_array_equals_hf_on_the_list(hf):
     assert np.all(out[:, t:] == 0.0)
 
 
+@pytest.mark.parametrize("chunk", [7, 64, 333])
+def test_chunked_log_mel_equals_unchunked(monkeypatch, chunk):
+    """Long audio is framed chunk by chunk (bounded memory); the result does not change, in either mode."""
+    from granite_jax import features
+
+    waves = batch_waves()
+    n = jnp.asarray(BATCH_LENGTHS, jnp.int32)
+    batch = np.zeros((len(waves), 20000), np.float32)
+    for i, w in enumerate(waves):
+        batch[i, : len(w)] = w
+    for hf_batch in (False, True):
+        want = np.asarray(log_mel(batch, n, hf_batch=hf_batch))
+        monkeypatch.setattr(features, "MEL_CHUNK_FRAMES", chunk)
+        got = np.asarray(log_mel(batch, n, hf_batch=hf_batch))
+        monkeypatch.undo()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_log_mel_compiles_once_for_a_padded_shape():
     traces = []
 

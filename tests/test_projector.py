@@ -290,6 +290,21 @@ def test_bfloat16_compute_runs_close_to_fp32():
     assert rel_err(np.asarray(got, np.float32), hf_project(model, h)) < 5e-2
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_chunked_projector_equals_unchunked(monkeypatch, chunk):
+    """Many windows (long audio) go through the Q-Former a chunk of windows at a time: same result."""
+    from granite_jax import projector
+
+    pcfg = ProjectorConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8,
+                           encoder_hidden_size=12, llm_hidden_size=10)  # fmt: skip
+    proj = GraniteSpeechProjector(pcfg)
+    h = np.random.default_rng(1).standard_normal((2, 5 * pcfg.window_size - 3, 12)).astype(np.float32)
+    want = np.asarray(proj(h))
+    monkeypatch.setattr(projector, "CHUNK_WINDOWS", chunk)
+    got = np.asarray(proj(h))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
 def test_module_errors():
     pcfg = ProjectorConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
                            encoder_hidden_size=12, llm_hidden_size=10)  # fmt: skip
