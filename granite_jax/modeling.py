@@ -8,7 +8,8 @@ keys past a row's length are masked and the depthwise conv sees zeros there, as 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -204,63 +205,110 @@ class ConformerBlock(nnx.Module):
         return self.post_norm(x)
 
     def __call__(
-        self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], *, tile_frames: int | None = None
+        self,
+        x: Float[Array, "b t d"],
+        valid: Bool[Array, "b t"],
+        *,
+        tile_frames: int | None = None,
+        post: Callable[[Array, Array], Array] | None = None,
     ) -> Float[Array, "b t d"]:
-        """The block. With `tile_frames`, a batch of more frames than that is worked through in tiles of
-        about that many (rows of the batch, or whole blocks of one row): same result, but the big
-        intermediates (4x-wide feed-forward, attention logits) stay cache-sized and memory stays flat."""
+        """The block, then `post(out, valid)` (a per-frame function, e.g. self-conditioning) if given.
+
+        With `tile_frames`, a batch of more frames than that is worked through in tiles of about that many
+        (rows of the batch, or whole blocks of one row; see `tile_plan`), in place: the big intermediates
+        (4x-wide feed-forward, attention logits) stay cache-sized and no second copy of the hidden states is
+        made. Same result as untiled. A batch that the tiles do not divide is padded (and cut back) here;
+        `GraniteSpeechEncoder` pads once for all layers instead.
+        """
+        post = post or (lambda out, _: out)
+        b, t, d = x.shape
+        if tile_frames is None or b * t <= tile_frames:
+            halo = ((0, 0), self.conv.depth_conv.padding)
+            out = self.convolve(jnp.pad(self.attend(x, valid), halo + ((0, 0),)), jnp.pad(valid, halo))
+            return post(out, valid)
+        plan = tile_plan(b, t, tile_frames, self.attn.context_size)
+        extra = ((0, plan.batch - b), (0, plan.frames - t))
+        x, valid = jnp.pad(x, extra + ((0, 0),)), jnp.pad(valid, extra)  # no-ops when the tiles fit
+        if plan.span == plan.frames:
+            return self._tiled_rows(x, valid, plan.rows, post)[:b]
+        return self._tiled_time(x, valid, plan.span, post)[:b, :t]
+
+    def _tiled_rows(self, x, valid, rows: int, post) -> Float[Array, "b t d"]:
+        """Tiles of whole rows: each tile runs the whole block and overwrites its own rows."""
+        b, t, d = x.shape
+        halo = ((0, 0), self.conv.depth_conv.padding)
+
+        def tile(i, buf):
+            xc = jax.lax.dynamic_slice_in_dim(buf, i * rows, rows)
+            vc = jax.lax.dynamic_slice_in_dim(valid, i * rows, rows)
+            out = self.convolve(jnp.pad(self.attend(xc, vc), halo + ((0, 0),)), jnp.pad(vc, halo))
+            return jax.lax.dynamic_update_slice_in_dim(buf, post(out, vc).astype(buf.dtype), i * rows, 0)
+
+        return jax.lax.fori_loop(0, b // rows, tile, x)
+
+    def _tiled_time(self, x, valid, span: int, post) -> Float[Array, "b t d"]:
+        """Tiles of `span` frames (whole blocks) of one row, in two in-place sweeps.
+
+        The attention half is exact per tile of whole blocks and overwrites x. The conv half of a tile
+        needs the attention half of `left` frames before it and `right` after: those after are not yet
+        overwritten when the tile runs, those before are, so they are gathered for every tile first.
+        (Carrying them from the previous tile instead makes XLA copy the whole buffer in each step.)
+        """
         b, t, d = x.shape
         left, right = self.conv.depth_conv.padding
-        halo = ((0, 0), (left, right))
-        valid_p = jnp.pad(valid, halo)
-        if tile_frames is None or b * t <= tile_frames:
-            return self.convolve(jnp.pad(self.attend(x, valid), halo + ((0, 0),)), valid_p)
-        rows, span, starts = tile_plan(b, t, tile_frames, self.attn.context_size)
-        num_tiles = len(starts)
-        starts = jnp.asarray(starts, jnp.int32)  # (num_tiles, 2): first row, first frame
+        per_row = t // span
+        num = b * per_row
+        rows, starts = np.divmod(np.arange(num), per_row)
+        starts = starts * span
 
-        def attend_tile(i, y):  # y: (b, t + k - 1, d), the attention half written between the halos
-            r, s = starts[i, 0], starts[i, 1]
-            xc = jax.lax.dynamic_slice(x, (r, s, 0), (rows, span, d))
-            vc = jax.lax.dynamic_slice(valid, (r, s), (rows, span))
-            return jax.lax.dynamic_update_slice(y, self.attend(xc, vc).astype(y.dtype), (r, s + left, 0))
+        def attend_tile(i, buf):
+            r, s = i // per_row, i % per_row * span
+            xc = jax.lax.dynamic_slice(buf, (r, s, 0), (1, span, d))
+            vc = jax.lax.dynamic_slice(valid, (r, s), (1, span))
+            return jax.lax.dynamic_update_slice(buf, self.attend(xc, vc).astype(buf.dtype), (r, s, 0))
 
-        # The loops' buffers start from x (every frame gets overwritten; the halos of y stay zero): a buffer
-        # built from constants would be independent of the data, and XLA would allocate all layers' up front.
-        y = jax.lax.fori_loop(0, num_tiles, attend_tile, jnp.pad(x, halo + ((0, 0),)))
-        window = span + left + right
+        y = jax.lax.fori_loop(0, num, attend_tile, x)
+        # (num, left, d): each tile's left halo; at a row's start clamped frames, masked by valid_p below
+        before = y[rows[:, None], np.clip(starts[:, None] - left + np.arange(left), 0, t - 1)]
+        valid_p = jnp.pad(valid, ((0, 0), (left, right)))  # frame f at f + left; the halos past the edges False
 
-        def convolve_tile(i, out):
-            r, s = starts[i, 0], starts[i, 1]
-            yw = jax.lax.dynamic_slice(y, (r, s, 0), (rows, window, d))
-            vw = jax.lax.dynamic_slice(valid_p, (r, s), (rows, window))
-            return jax.lax.dynamic_update_slice(out, self.convolve(yw, vw).astype(out.dtype), (r, s, 0))
+        def convolve_tile(i, buf):
+            r, s = i // per_row, i % per_row * span
+            centre = jax.lax.dynamic_slice(buf, (r, s, 0), (1, span, d))
+            after = buf[r, jnp.minimum(s + span + jnp.arange(right), t - 1)]  # past the row's end: masked
+            window = jnp.concatenate([before[i], centre[0], after])[None]  # (1, left + span + right, d)
+            vw = jax.lax.dynamic_slice(valid_p, (r, s), (1, span + left + right))
+            out = post(self.convolve(window, vw), vw[:, left : left + span])
+            return jax.lax.dynamic_update_slice(buf, out.astype(buf.dtype), (r, s, 0))
 
-        return jax.lax.fori_loop(0, num_tiles, convolve_tile, x)
+        return jax.lax.fori_loop(0, num, convolve_tile, y)
 
 
-def tile_plan(b: int, t: int, tile_frames: int, context_size: int) -> tuple[int, int, list[tuple[int, int]]]:
-    """How a (b, t) batch is cut into equal tiles of about `tile_frames` frames: (rows, span, starts).
+class TilePlan(NamedTuple):
+    """Tiles of `rows` x `span` frames over a batch padded to (`batch`, `frames`)."""
 
-    Rows that fit whole are grouped; longer rows are cut into whole blocks (t must then be a multiple of
-    context_size). The last tile along each axis is moved back to end at the edge, so tiles overlap rather
-    than pad: the overlap is recomputed, with the same result.
+    rows: int
+    span: int
+    batch: int
+    frames: int
+
+
+def tile_plan(b: int, t: int, tile_frames: int, context_size: int) -> TilePlan:
+    """How a (b, t) batch is cut into equal tiles of about `tile_frames` frames.
+
+    Rows that fit whole are grouped `rows` to a tile (the batch padded to a multiple of `rows`). Longer rows
+    are cut into tiles of whole blocks, the row padded to whole tiles: the tile count, up to twice the
+    fewest, is the one that pads least (30 blocks in tiles of at most 8: 5 x 6, not 4 x 8).
     """
     if t <= tile_frames:
         rows = min(b, max(1, tile_frames // t))
-        row_starts = [min(i * rows, b - rows) for i in range(-(-b // rows))]
-        return rows, t, [(r, 0) for r in row_starts]
+        return TilePlan(rows, t, -(-b // rows) * rows, t)
     c = context_size
-    if t % c:
-        raise ValueError(f"rows longer than tile_frames ({tile_frames}) must be whole blocks of {c}, got T={t}")
-    blocks = t // c
+    blocks = -(-t // c)
     fewest = -(-blocks // max(1, tile_frames // c))  # tiles per row, at the most blocks per tile
-    # Equal tiles of whole blocks overrun the row by num * ceil(blocks / num) - blocks (recomputed
-    # overlap): take the count, up to twice the fewest, that overruns least (30 blocks: 5 x 6, not 4 x 8).
     num = min(range(fewest, 2 * fewest + 1), key=lambda k: (k * -(-blocks // k), k))
     span = -(-blocks // num) * c
-    time_starts = [min(i * span, t - span) for i in range(num)]
-    return 1, span, [(r, s) for r in range(b) for s in time_starts]
+    return TilePlan(1, span, b, num * span)
 
 
 class GraniteSpeechEncoder(nnx.Module):
@@ -301,26 +349,72 @@ class GraniteSpeechEncoder(nnx.Module):
         if valid is None:
             valid = jnp.ones((b, t), bool)
         tile = chunk_blocks * cfg.context_size if chunk_blocks else None
-        pad = -t % cfg.context_size if tile is not None and t > tile else 0  # long rows: tiles of whole blocks
-        if pad:
-            features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
-            valid = jnp.pad(valid, ((0, 0), (0, pad)))
-        features = jnp.where(valid[..., None], features, 0)
+        plan = tile_plan(b, t, tile, cfg.context_size) if tile is not None and b * t > tile else None
+        if plan is not None:  # pad once to whole tiles for all layers (see ConformerBlock)
+            extra = ((0, plan.batch - b), (0, plan.frames - t))
+            features = jnp.pad(features, extra + ((0, 0),))
+            valid = jnp.pad(valid, extra)
 
-        x = self.input_linear(features)
+        def mask(x, valid):  # invalid frames are zeros (input and output)
+            return jnp.where(valid[..., None], x, 0)
+
+        def self_condition(x, valid):
+            return self.self_condition(x)
+
+        def project_in(features, valid):
+            return self.input_linear(mask(features, valid))
+
+        # Tiled, the input projection too goes tile by tile: a whole-batch matmul's result (or masked
+        # features) would be one more buffer of the whole length.
+        x = project_in(features, valid) if plan is None else _per_tile(project_in, features, valid, plan)
         exported = {0: x} if 0 in cfg.exported_layers else {}
+        num = len(self.layers)
         for idx, layer in enumerate(self.layers, start=1):
-            x = layer(x, valid, tile_frames=tile)
-            if idx == cfg.self_conditioning_layer:
-                x = self.self_condition(x)
-            # The reference appends before its in-place `+=`, so the export at the self-conditioning
-            # layer already includes the self-conditioning term: taking it after matches that.
+            # Per-frame work after a layer runs tile by tile inside it (no extra copy of the hidden states).
+            # The reference appends before its in-place `+=`, so the export at the self-conditioning layer
+            # already includes the self-conditioning term: taking it after matches that.
+            posts = [self_condition] if idx == cfg.self_conditioning_layer else []
+            if idx == num and not cfg.exported_layers:
+                posts.append(mask)  # the last layer writes the output as it goes
+            x = layer(x, valid, tile_frames=tile, post=_compose(posts))
             if idx in cfg.exported_layers:
                 exported[idx] = x
         if cfg.exported_layers:
-            x = jnp.concatenate([exported[i] for i in cfg.exported_layers] + [x], axis=-1)
-        x = jnp.where(valid[..., None], x, 0)
-        return x[:, :t]
+            x = mask(jnp.concatenate([exported[i] for i in cfg.exported_layers] + [x], axis=-1), valid)
+        elif num == 0:
+            x = mask(x, valid)
+        return x[:b, :t]
+
+
+def _per_tile(
+    fn: Callable, x: Float[Array, "b t f"], valid: Bool[Array, "b t"], plan: TilePlan
+) -> Float[Array, "b t w"]:
+    """A per-frame `fn(x, valid)` over `plan`'s tiles of x, written into one (b, t, w) buffer."""
+    b, t, f = x.shape
+    per_row = t // plan.span
+
+    def tile(i, out):
+        r, s = i // per_row * plan.rows, i % per_row * plan.span
+        xc = jax.lax.dynamic_slice(x, (r, s, 0), (plan.rows, plan.span, f))
+        vc = jax.lax.dynamic_slice(valid, (r, s), (plan.rows, plan.span))
+        return jax.lax.dynamic_update_slice(out, fn(xc, vc).astype(out.dtype), (r, s, 0))
+
+    one = jax.eval_shape(fn, x[:1, :1], valid[:1, :1])  # (1, 1, w)
+    out = jnp.zeros((b, t, one.shape[-1]), one.dtype)
+    return jax.lax.fori_loop(0, b // plan.rows * per_row, tile, out)
+
+
+def _compose(fns: list[Callable]) -> Callable | None:
+    """f(x, valid) applying each of `fns` in turn; None for none."""
+    if not fns:
+        return None
+
+    def post(x, valid):
+        for fn in fns:
+            x = fn(x, valid)
+        return x
+
+    return post
 
 
 # -- parameters as flat {path: array} dicts (the converter's and the checkpoint's currency) ------------

@@ -203,19 +203,32 @@ class GraniteSpeechProjector(nnx.Module):
         if t == 0:
             raise ValueError("hidden states must have at least one frame")
         dtype = self.compute_dtype
-        n = -(-t // pcfg.window_size)  # windows per utterance
-        x = jnp.pad(hidden_states.astype(dtype), ((0, 0), (0, n * pcfg.window_size - t), (0, 0)))
-        x = x.reshape(b * n, pcfg.window_size, w)  # (b*n, window, w): one Q-Former input per window
+        win, nq = pcfg.window_size, pcfg.num_queries
+        n = -(-t // win)  # windows per utterance
         query = self.query[...].astype(dtype)
         if b * n <= CHUNK_WINDOWS:
-            out = self.qformer(query, x)  # (b*n, nq, hidden)
-        else:  # long audio: windows are independent, so the cross-attention K/V are made a chunk at a time
-            chunks = -(-(b * n) // CHUNK_WINDOWS)
-            x = jnp.pad(x, ((0, chunks * CHUNK_WINDOWS - b * n), (0, 0), (0, 0)))
-            x = x.reshape(chunks, CHUNK_WINDOWS, pcfg.window_size, w)
-            out = jax.lax.map(lambda xs: self.qformer(query, xs), x)
-            out = out.reshape(chunks * CHUNK_WINDOWS, pcfg.num_queries, pcfg.hidden_size)[: b * n]
-        return self.linear(out.reshape(b, n * pcfg.num_queries, pcfg.hidden_size))
+            x = jnp.pad(hidden_states.astype(dtype), ((0, 0), (0, n * win - t), (0, 0)))
+            out = self.qformer(query, x.reshape(b * n, win, w))  # one Q-Former input per window
+            return self.linear(out.reshape(b, n * nq, pcfg.hidden_size))
+
+        # Long audio: windows are independent, so a chunk of them at a time is gathered straight from the
+        # hidden states (no padded copy of them), run, and written into the output; the last chunk is
+        # moved back to end at the last window (its overlap is recomputed, with the same result).
+        total = b * n
+        hidden_states = jnp.asarray(hidden_states)
+
+        def chunk(i, out):
+            first = jnp.minimum(i * CHUNK_WINDOWS, total - CHUNK_WINDOWS)
+            g = first + jnp.arange(CHUNK_WINDOWS)  # window indices over the flattened batch
+            frames = g[:, None] % n * win + jnp.arange(win)  # (C, win)
+            xs = hidden_states[(g // n)[:, None], jnp.minimum(frames, t - 1)]  # (C, win, w)
+            xs = jnp.where((frames < t)[..., None], xs, 0).astype(dtype)  # the last window's padding: zeros
+            emb = self.linear(self.qformer(query, xs))  # (C, nq, llm)
+            return jax.lax.dynamic_update_slice_in_dim(out, emb.astype(out.dtype), first, 0)
+
+        out = jnp.zeros((total, nq, pcfg.llm_hidden_size), dtype)
+        out = jax.lax.fori_loop(0, -(-total // CHUNK_WINDOWS), chunk, out)
+        return out.reshape(b, n * nq, pcfg.llm_hidden_size)
 
 
 def num_audio_embeddings(encoder_lengths: int | Sequence[int] | np.ndarray, pcfg: ProjectorConfig):

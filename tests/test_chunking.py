@@ -35,23 +35,39 @@ def test_chunked_equals_unchunked(name, chunk_blocks):
     assert not np.asarray(got)[~valid].any()
 
 
-@pytest.mark.parametrize("b,t", [(1, 11 * 8), (3, 11 * 8), (5, 24), (7, 8), (2, 8 * 9)])
+@pytest.mark.parametrize("b,t", [(1, 11 * 8), (3, 11 * 8), (5, 24), (7, 8), (2, 8 * 9), (1, 8 * 5 + 1)])
 @pytest.mark.parametrize("tile", [8, 16, 24, 40, 1000])
-def test_tile_plan_covers_every_frame_once_or_more(b, t, tile):
-    """Tiles are equal, lie inside the batch, cover every frame, and long rows are cut at block edges."""
-    rows, span, starts = tile_plan(b, t, tile, context_size=8)
-    covered = np.zeros((b, t), int)
-    for r, s in starts:
-        assert 0 <= r <= b - rows and 0 <= s <= t - span
-        covered[r : r + rows, s : s + span] += 1
-        assert span == t or s % 8 == 0
-    assert covered.min() >= 1
-    assert rows * span <= max(tile, t) or rows == 1
+def test_tile_plan(b, t, tile):
+    """Equal tiles of at most max(tile, a row) frames; long rows cut at block edges; padding under one tile."""
+    plan = tile_plan(b, t, tile, context_size=8)
+    assert plan.batch % plan.rows == 0 and plan.frames % plan.span == 0
+    assert b <= plan.batch < b + plan.rows and t <= plan.frames
+    if t <= tile:
+        assert plan.span == t == plan.frames and plan.rows * t <= tile or plan.rows == 1
+    else:
+        assert plan.rows == 1 and plan.span % 8 == 0 and plan.span <= max(tile, 8)
+        assert plan.frames - t < plan.span + 8 and plan.frames - 8 * -(-t // 8) < plan.span
 
 
-def test_long_rows_must_be_whole_blocks():
-    with pytest.raises(ValueError, match="whole blocks"):
-        tile_plan(1, 8 * 5 + 1, 16, context_size=8)
+def test_tile_plan_pads_least():
+    assert tile_plan(1, 30 * 8, 64, 8) == (1, 6 * 8, 1, 30 * 8)  # 5 tiles of 6 blocks, not 4 of 8
+    assert tile_plan(1, 960 * 200, 1600, 200) == (1, 1600, 1, 960 * 200)  # an hour: 120 tiles, no padding
+    assert tile_plan(3, 600, 1600, 200) == (2, 600, 4, 600)  # rows in twos: one dummy row
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("t", [5 * 8 - 3, 5 * 8, 5 * 8 + 1])
+@pytest.mark.parametrize("kernel", [4, 15])
+def test_block_tiles_in_place(rows, t, kernel):
+    """One block, tiled (row tiles and time tiles, with padding to whole tiles), equals it untiled."""
+    cfg = dataclasses.replace(TINY, conv_kernel_size=kernel, context_size=8, max_pos_emb=10)
+    block = GraniteSpeechEncoder(cfg, rngs=nnx.Rngs(3)).layers[0]
+    x = np.random.default_rng(t).standard_normal((rows, t, cfg.hidden_dim)).astype(np.float32)
+    valid = np.arange(t)[None] < np.array([t, t - 9, 3])[:rows, None]
+    want = np.asarray(block(x, valid))
+    for tile in (8, 16, 24, 2 * t):
+        got = np.asarray(jax.jit(lambda a, v, tile=tile: block(a, v, tile_frames=tile))(x, valid))
+        assert got.shape == want.shape and rel_err(got, want) < 1e-5, tile
 
 
 @requires_torch

@@ -20,7 +20,7 @@ from granite_jax import modeling
 from granite_jax.config import PRODUCTION
 
 
-def _temp_bytes(cfg, batch: int, frames: int, chunk_blocks: int | None = None) -> int:
+def _memory(cfg, batch: int, frames: int, chunk_blocks: int | None = None):
     model = nnx.eval_shape(lambda: modeling.GraniteSpeechEncoder(cfg))
     graphdef, state = nnx.split(model)
 
@@ -29,8 +29,11 @@ def _temp_bytes(cfg, batch: int, frames: int, chunk_blocks: int | None = None) -
 
     x = jax.ShapeDtypeStruct((batch, frames, cfg.input_dim), jnp.float32)
     valid = jax.ShapeDtypeStruct((batch, frames), jnp.bool_)
-    compiled = jax.jit(forward).lower(state, x, valid).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return jax.jit(forward).lower(state, x, valid).compile().memory_analysis()
+
+
+def _temp_bytes(cfg, batch: int, frames: int, chunk_blocks: int | None = None) -> int:
+    return _memory(cfg, batch, frames, chunk_blocks).temp_size_in_bytes
 
 
 def _six_d_bytes(cfg, batch: int, frames: int) -> int:
@@ -88,3 +91,21 @@ def test_tiled_temporaries_do_not_grow_with_depth_length_or_batch():
     rows = _temp_bytes(cfg, 8, frames // 8, chunk_blocks=chunk)  # the same frames as 8 rows
     assert rows - one < hidden, f"8 rows of {frames // 8}: {(rows - one) / 1e6:.0f} MB more than one row"
     assert rows < _temp_bytes(cfg, 8, frames // 8) / 2, "tiling should bound the batch's temporaries too"
+
+
+@pytest.mark.parametrize("batch, frames", [(1, 400 * PRODUCTION.context_size), (64, 1250)])
+def test_tiled_hidden_states_are_held_once(batch, frames):
+    """Tiled, the layers (self-conditioning and the output mask included) work in place in the output
+    buffer: the temporaries are tile-sized, far below one more copy of the hidden states.
+
+    (Two sweeps into separate buffers, a whole-batch input projection, or a loop carry sliced from the
+    buffer, which makes XLA copy it every step, each cost one or more hidden-sized buffers.)
+    """
+    cfg = dataclasses.replace(PRODUCTION, num_layers=3)  # self-conditioning after layer 1
+    mem = _memory(cfg, batch, frames, chunk_blocks=8)
+    hidden = batch * frames * cfg.hidden_dim * 4
+    assert mem.output_size_in_bytes == hidden
+    assert mem.temp_size_in_bytes < hidden / 3, f"temporaries {mem.temp_size_in_bytes / 1e6:.0f} MB"
+    # Tiles that do not divide the rows (7 frames short) pad them: then one copy is cut out at the end.
+    mem = _memory(cfg, batch, frames - 7, chunk_blocks=8)
+    assert mem.temp_size_in_bytes < hidden * 1.3, f"temporaries {mem.temp_size_in_bytes / 1e6:.0f} MB"
