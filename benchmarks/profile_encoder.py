@@ -56,7 +56,7 @@ def main() -> None:
     b, t = args.batch, args.frames
     cfg = dataclasses.replace(PRODUCTION, num_layers=1)
     d, c, inner = cfg.hidden_dim, cfg.context_size, cfg.inner_dim
-    block = modeling.GraniteSpeechEncoder(cfg, rngs=nnx.Rngs(0)).layers[0]
+    block = modeling.GraniteSpeechEncoder(cfg, rngs=nnx.Rngs(0)).layer(0)
     if not args.compile_only:
         x = jnp.asarray(np.random.default_rng(0).standard_normal((b, t, d), np.float32))
         valid = jnp.ones((b, t), bool)

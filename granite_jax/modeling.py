@@ -1,7 +1,10 @@
 """The Granite Speech conformer encoder in Flax NNX.
 
-The module tree mirrors transformers' `GraniteSpeechCTCEncoder` (input_linear, layers[i].{ff1, attn, conv,
-ff2, post_norm}, out, out_mid), so the checkpoint key table and per-submodule tests stay one-to-one.
+The module tree mirrors transformers' `GraniteSpeechCTCEncoder` (input_linear, layers.{ff1, attn, conv, ff2,
+post_norm}, out, out_mid), so the checkpoint key table and per-submodule tests stay one-to-one. The blocks
+are stacked: `layers` is one ConformerBlock whose variables carry a leading layer axis, run by one
+`lax.scan` (XLA compiles one block, not 16), and `layer(i)` gives block i as its own module. The flat
+parameter dicts still name every layer (`layers.3.attn.to_q.kernel`), as the reference does.
 Every module takes a `valid` mask (B, T) so that a padded batch reproduces each utterance run alone:
 keys past a row's length are masked and the depthwise conv sees zeros there, as the unpadded run does.
 """
@@ -326,7 +329,7 @@ class GraniteSpeechEncoder(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.config = cfg
         self.input_linear = _dense(rngs, cfg.input_dim, cfg.hidden_dim, **kw)
-        self.layers = nnx.List([ConformerBlock(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
+        self.layers = _stacked_blocks(cfg, rngs, **kw) if cfg.num_layers else None
         self.out = _dense(rngs, cfg.hidden_dim, cfg.output_dim, **kw)
         self.out_mid = _dense(rngs, cfg.output_dim, cfg.hidden_dim, **kw)
 
@@ -358,32 +361,87 @@ class GraniteSpeechEncoder(nnx.Module):
         def mask(x, valid):  # invalid frames are zeros (input and output)
             return jnp.where(valid[..., None], x, 0)
 
-        def self_condition(x, valid):
-            return self.self_condition(x)
-
         def project_in(features, valid):
             return self.input_linear(mask(features, valid))
 
         # Tiled, the input projection too goes tile by tile: a whole-batch matmul's result (or masked
         # features) would be one more buffer of the whole length.
         x = project_in(features, valid) if plan is None else _per_tile(project_in, features, valid, plan)
-        exported = {0: x} if 0 in cfg.exported_layers else {}
-        num = len(self.layers)
-        for idx, layer in enumerate(self.layers, start=1):
-            # Per-frame work after a layer runs tile by tile inside it (no extra copy of the hidden states).
-            # The reference appends before its in-place `+=`, so the export at the self-conditioning layer
-            # already includes the self-conditioning term: taking it after matches that.
-            posts = [self_condition] if idx == cfg.self_conditioning_layer else []
-            if idx == num and not cfg.exported_layers:
-                posts.append(mask)  # the last layer writes the output as it goes
-            x = layer(x, valid, tile_frames=tile, post=_compose(posts))
-            if idx in cfg.exported_layers:
-                exported[idx] = x
-        if cfg.exported_layers:
-            x = mask(jnp.concatenate([exported[i] for i in cfg.exported_layers] + [x], axis=-1), valid)
-        elif num == 0:
+        exported = [x] if 0 in cfg.exported_layers else []
+        later = [i for i in cfg.exported_layers if i > 0]
+        if self.layers is not None:
+            x, saved = self._run_layers(x, valid, tile, later)
+            exported += [saved[k] for k in range(saved.shape[0])] + ([x] if cfg.num_layers in later else [])
+        if exported:
+            x = mask(jnp.concatenate(exported + [x], axis=-1), valid)
+        elif self.layers is None:
             x = mask(x, valid)
         return x[:b, :t]
+
+    def _run_layers(
+        self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], tile: int | None, export: list[int]
+    ) -> tuple[Float[Array, "b t d"], Float[Array, "e b t d"] | None]:
+        """All blocks, as one `lax.scan` over the stacked layers (compiled once, not once per layer).
+
+        Returns the last block's output and the outputs of the (1-based) blocks in `export` before the last.
+        Per-frame work after a block runs tile by tile inside it (`post`), with no extra copy of the hidden
+        states: the self-conditioning after its block, and zeroing the invalid frames after every block
+        (which no valid frame sees: keys past a row's end are masked and the conv reads zeros there).
+        """
+        cfg = self.config
+        num = cfg.num_layers
+        graphdef, stacked = nnx.split(self.layers)
+        # slot of block i (0-based) in `saved`, or -1; the last block's output is x itself
+        slots = np.full(num, -1, np.int32)
+        for k, i in enumerate(i for i in export if i < num):
+            slots[i - 1] = k
+        saved = jnp.zeros((int((slots >= 0).sum()),) + x.shape, x.dtype)
+        conditioned = cfg.self_conditioning_layer - 1  # 0-based block; -1 for none
+
+        def step(carry, layer):
+            x, saved = carry
+            i, state = layer
+            block = nnx.merge(graphdef, state)
+
+            def post(out, valid):
+                if conditioned >= 0:
+                    # The reference appends its export before an in-place `+=`, so the export at this
+                    # block already includes the self-conditioning term: taking it after matches that.
+                    out = jax.lax.cond(i == conditioned, self.self_condition, lambda o: o, out)
+                return jnp.where(valid[..., None], out, 0)
+
+            x = block(x, valid, tile_frames=tile, post=post)
+            if saved.shape[0]:
+                slot = jnp.asarray(slots)[i]
+                saved = jax.lax.cond(
+                    slot >= 0, lambda s: jax.lax.dynamic_update_index_in_dim(s, x, slot, 0), lambda s: s, saved
+                )
+            return (x, saved), None
+
+        (x, saved), _ = jax.lax.scan(step, (x, saved), (jnp.arange(num), stacked))
+        return x, saved
+
+    def layer(self, i: int) -> ConformerBlock:
+        """Block i (0-based) as a module of its own, holding a copy of its slice of the stacked weights.
+
+        For probing and per-block tests; changes to it do not reach the encoder.
+        """
+        num = self.config.num_layers
+        if not -num <= i < num:
+            raise IndexError(f"layer {i} out of range for {num} layers")
+        graphdef, stacked = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
+
+
+def _stacked_blocks(cfg: EncoderConfig, rngs: nnx.Rngs, **kw) -> ConformerBlock:
+    """`cfg.num_layers` ConformerBlocks as one, each variable with a leading layer axis (for `lax.scan`)."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> ConformerBlock:
+        return ConformerBlock(cfg, rngs=rngs, **kw)
+
+    return make(rngs)
 
 
 def _per_tile(
@@ -420,7 +478,7 @@ def _compose(fns: list[Callable]) -> Callable | None:
 # -- parameters as flat {path: array} dicts (the converter's and the checkpoint's currency) ------------
 def abstract_params(cfg: EncoderConfig, *, param_dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
     """{path: ShapeDtypeStruct} of every variable (params and BatchNorm statistics), nothing allocated."""
-    return abstract_variables(lambda: GraniteSpeechEncoder(cfg, param_dtype=param_dtype))
+    return abstract_variables(lambda: GraniteSpeechEncoder(cfg, param_dtype=param_dtype), stacked="layers")
 
 
 def encoder_from_params(
@@ -437,10 +495,13 @@ def encoder_from_params(
     on the device, so the weights are never held twice.
     """
     return module_from_params(
-        lambda: GraniteSpeechEncoder(cfg, dtype=dtype, param_dtype=param_dtype), params, consume=consume
+        lambda: GraniteSpeechEncoder(cfg, dtype=dtype, param_dtype=param_dtype),
+        params,
+        consume=consume,
+        stacked="layers",
     )
 
 
 def params_of(model: GraniteSpeechEncoder) -> dict[str, np.ndarray]:
     """The model's variables as a flat {path: numpy array} dict."""
-    return variables_of(model)
+    return variables_of(model, stacked="layers")

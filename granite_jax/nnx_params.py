@@ -1,8 +1,13 @@
-"""NNX modules <-> flat {path: array} dicts, the converter's and the checkpoint's currency."""
+"""NNX modules <-> flat {path: array} dicts, the converter's and the checkpoint's currency.
+
+A module may hold repeated submodules stacked (one submodule whose variables have a leading axis, run
+with `lax.scan`): `stacked` names that attribute, and its variables appear in the flat dicts one entry
+per index, `layers.0.attn.to_q.kernel`, ..., as the checkpoints and the reference name them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
 import jax
@@ -18,41 +23,75 @@ def path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def abstract_variables(make: Callable[[], nnx.Module]) -> dict[str, jax.ShapeDtypeStruct]:
+def _names(path: tuple, shape: tuple[int, ...], stacked: str | None) -> Iterator[tuple[str, int | None]]:
+    """(flat name, index into the leading axis or None) of each entry a variable stands for."""
+    if stacked is not None and path[:1] == (stacked,):
+        for i in range(shape[0]):
+            yield path_str((stacked, i) + tuple(path[1:])), i
+    else:
+        yield path_str(path), None
+
+
+def abstract_variables(make: Callable[[], nnx.Module], stacked: str | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """{path: ShapeDtypeStruct} of every variable of the module `make()` builds, nothing allocated."""
-    model = nnx.eval_shape(make)
-    return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    out = {}
+    for p, v in nnx.to_flat_state(nnx.state(nnx.eval_shape(make))):
+        value = v.get_value()
+        for name, i in _names(p, value.shape, stacked):
+            out[name] = value if i is None else jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+    return out
 
 
 def module_from_params(
-    make: Callable[[], M], params: Mapping[str, np.ndarray], *, consume: bool = False, what: str = ""
+    make: Callable[[], M],
+    params: Mapping[str, np.ndarray],
+    *,
+    consume: bool = False,
+    what: str = "",
+    stacked: str | None = None,
 ) -> M:
     """The module `make()` builds, with its variables set from `params` (cast to each variable's dtype).
 
     `params` may be lazy (read on access). With `consume`, each entry is deleted from `params` once it is
-    on the device, so the weights are never held twice. `what` prefixes error messages ("projector ").
+    on the device, so the weights are never held twice (a stacked variable is gathered on the host first,
+    one variable at a time). `what` prefixes error messages ("projector ").
     """
     model = nnx.eval_shape(make)
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
-    names = {path_str(p) for p, _ in flat}
+    names = {name for p, v in flat for name, _ in _names(p, v.get_value().shape, stacked)}
     if names != set(params):
         missing, extra = sorted(names - set(params)), sorted(set(params) - names)
         raise ValueError(f"{what}parameters do not fit the config: missing {missing}, unexpected {extra}")
     leaves = []
     for path, var in flat:
-        name = path_str(path)
         want = var.get_value()
-        value = np.asarray(params[name])
-        if value.shape != want.shape:
-            raise ValueError(f"{what}{name}: shape {value.shape}, config expects {want.shape}")
-        leaves.append((path, var.replace(jnp.asarray(value, dtype=want.dtype))))
-        del value
-        if consume:
-            del params[name]
+        entries = list(_names(path, want.shape, stacked))
+        host = None if entries[0][1] is None else np.empty(want.shape, want.dtype)
+        for name, i in entries:
+            value = np.asarray(params[name])
+            expected = want.shape if i is None else want.shape[1:]
+            if value.shape != expected:
+                raise ValueError(f"{what}{name}: shape {value.shape}, config expects {expected}")
+            if host is None:
+                host = value
+            else:
+                host[i] = value
+            del value
+            if consume and i is not None:
+                del params[name]
+        leaves.append((path, var.replace(jnp.asarray(host, dtype=want.dtype))))
+        del host
+        if consume and entries[0][1] is None:
+            del params[entries[0][0]]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def variables_of(module: nnx.Module) -> dict[str, np.ndarray]:
-    """The module's variables as a flat {path: numpy array} dict."""
-    return {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module))}
+def variables_of(module: nnx.Module, stacked: str | None = None) -> dict[str, np.ndarray]:
+    """The module's variables as a flat {path: numpy array} dict (a stacked variable's entries are views)."""
+    out = {}
+    for p, v in nnx.to_flat_state(nnx.state(module)):
+        value = np.asarray(v.get_value())
+        for name, i in _names(p, value.shape, stacked):
+            out[name] = value if i is None else value[i]
+    return out

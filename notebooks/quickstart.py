@@ -141,7 +141,9 @@ for i, (name, w) in enumerate(waves.items()):
 
 # %% [markdown]
 # ## 6. Inside the encoder
-# The NNX module mirrors the torch tree, so probing a layer is plain Python: run the blocks one by one.
+# The NNX module mirrors the torch tree, with the 16 blocks stacked into one (a leading layer axis, so that
+# the encoder compiles one block and `lax.scan`s it). `enc.layer(i)` gives block i as a module of its own,
+# so probing is plain Python: run the blocks one by one.
 
 # %%
 import jax.numpy as jnp  # noqa: E402
@@ -153,8 +155,8 @@ pad = -x.shape[1] % cfg.context_size
 xp, vp = jnp.pad(x, ((0, 0), (0, pad), (0, 0))), jnp.pad(valid, ((0, 0), (0, pad)))
 h = enc.input_linear(xp)
 norms = []
-for i, layer in enumerate(enc.layers, start=1):
-    h = layer(h, vp)
+for i in range(1, cfg.num_layers + 1):
+    h = enc.layer(i - 1)(h, vp)
     if i == cfg.self_conditioning_layer:
         h = enc.self_condition(h)
     norms.append(np.linalg.norm(np.asarray(h[0, : x.shape[1]]), axis=-1))

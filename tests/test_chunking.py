@@ -61,7 +61,7 @@ def test_tile_plan_pads_least():
 def test_block_tiles_in_place(rows, t, kernel):
     """One block, tiled (row tiles and time tiles, with padding to whole tiles), equals it untiled."""
     cfg = dataclasses.replace(TINY, conv_kernel_size=kernel, context_size=8, max_pos_emb=10)
-    block = GraniteSpeechEncoder(cfg, rngs=nnx.Rngs(3)).layers[0]
+    block = GraniteSpeechEncoder(cfg, rngs=nnx.Rngs(3)).layer(0)
     x = np.random.default_rng(t).standard_normal((rows, t, cfg.hidden_dim)).astype(np.float32)
     valid = np.arange(t)[None] < np.array([t, t - 9, 3])[:rows, None]
     want = np.asarray(block(x, valid))

@@ -1,6 +1,7 @@
 """Per-submodule parity (feed-forward, attention, conv module, block, self-conditioning) at tight tolerance.
 
-The NNX tree mirrors torch's, so `model.layers[0].attn` is compared with `ref.layers[0].attn` directly.
+The NNX tree mirrors torch's (the blocks stacked), so `model.layer(0).attn` is compared with
+`ref.layers[0].attn` directly.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def test_feed_forward(pair, t):
     for name in ("ff1", "ff2"):
         with torch.no_grad():
             want = getattr(ref.layers[1], name)(_t(x)).numpy()
-        got = getattr(model.layers[1], name)(jnp.asarray(x))
+        got = getattr(model.layer(1), name)(jnp.asarray(x))
         assert rel_err(got, want) < TOL
 
 
@@ -59,7 +60,7 @@ def test_attention(pair, t):
     with torch.no_grad():
         want = ref.layers[0].attn(_t(x), attention_dists=ref.attention_dists).numpy()
     xp, valid = _padded(x, CFG.context_size)
-    got = np.asarray(model.layers[0].attn(xp, valid))[:, :t]
+    got = np.asarray(model.layer(0).attn(xp, valid))[:, :t]
     assert rel_err(got, want) < TOL
 
 
@@ -69,7 +70,7 @@ def test_conv_module(pair, t):
     x = np.random.default_rng(t).standard_normal((2, t, CFG.hidden_dim)).astype(np.float32)
     with torch.no_grad():
         want = ref.layers[0].conv(_t(x)).numpy()
-    got = model.layers[0].conv(jnp.asarray(x), jnp.ones((2, t), bool))
+    got = model.layer(0).conv(jnp.asarray(x), jnp.ones((2, t), bool))
     assert rel_err(got, want) < TOL
 
 
@@ -80,7 +81,7 @@ def test_block(pair, t):
     with torch.no_grad():
         want = ref.layers[1](_t(x), attention_dists=ref.attention_dists).numpy()
     xp, valid = _padded(x, CFG.context_size)
-    got = np.asarray(model.layers[1](xp, valid))[:, :t]
+    got = np.asarray(model.layer(1)(xp, valid))[:, :t]
     assert rel_err(got, want) < TOL
 
 
@@ -101,6 +102,6 @@ def test_padded_frames_do_not_leak_into_the_conv(pair):
     valid = jnp.asarray(np.arange(12)[None] < 9)
     noisy = x.copy()
     noisy[:, 9:] = 1e3 * rng.standard_normal((1, 3, CFG.hidden_dim))
-    a = np.asarray(model.layers[0].conv(jnp.asarray(x), valid))[:, :9]
-    b = np.asarray(model.layers[0].conv(jnp.asarray(noisy), valid))[:, :9]
+    a = np.asarray(model.layer(0).conv(jnp.asarray(x), valid))[:, :9]
+    b = np.asarray(model.layer(0).conv(jnp.asarray(noisy), valid))[:, :9]
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
