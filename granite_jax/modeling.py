@@ -380,7 +380,7 @@ class GraniteSpeechEncoder(nnx.Module):
 
     def _run_layers(
         self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], tile: int | None, export: list[int]
-    ) -> tuple[Float[Array, "b t d"], Float[Array, "e b t d"] | None]:
+    ) -> tuple[Float[Array, "b t d"], Float[Array, "e b t d"]]:
         """All blocks, as one `lax.scan` over the stacked layers (compiled once, not once per layer).
 
         Returns the last block's output and the outputs of the (1-based) blocks in `export` before the last.
@@ -460,19 +460,6 @@ def _per_tile(
     one = jax.eval_shape(fn, x[:1, :1], valid[:1, :1])  # (1, 1, w)
     out = jnp.zeros((b, t, one.shape[-1]), one.dtype)
     return jax.lax.fori_loop(0, b // plan.rows * per_row, tile, out)
-
-
-def _compose(fns: list[Callable]) -> Callable | None:
-    """f(x, valid) applying each of `fns` in turn; None for none."""
-    if not fns:
-        return None
-
-    def post(x, valid):
-        for fn in fns:
-            x = fn(x, valid)
-        return x
-
-    return post
 
 
 # -- parameters as flat {path: array} dicts (the converter's and the checkpoint's currency) ------------

@@ -7,6 +7,7 @@ per index, `layers.0.attn.to_q.kernel`, ..., as the checkpoints and the referenc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
@@ -67,24 +68,26 @@ def module_from_params(
     for path, var in flat:
         want = var.get_value()
         entries = list(_names(path, want.shape, stacked))
-        host = None if entries[0][1] is None else np.empty(want.shape, want.dtype)
+        stack = None if entries[0][1] is None else jnp.zeros(want.shape, want.dtype)
         for name, i in entries:
             value = np.asarray(params[name])
             expected = want.shape if i is None else want.shape[1:]
             if value.shape != expected:
                 raise ValueError(f"{what}{name}: shape {value.shape}, config expects {expected}")
-            if host is None:
-                host = value
-            else:
-                host[i] = value
+            value = jnp.asarray(value, dtype=want.dtype)
+            stack = value if stack is None else _set_index(stack, value, i)  # in place: `stack` is donated
             del value
-            if consume and i is not None:
+            if consume:
                 del params[name]
-        leaves.append((path, var.replace(jnp.asarray(host, dtype=want.dtype))))
-        del host
-        if consume and entries[0][1] is None:
-            del params[entries[0][0]]
+        leaves.append((path, var.replace(stack)))
+        del stack
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_index(stack: jax.Array, value: jax.Array, i: int) -> jax.Array:
+    """stack[i] = value, in place (the stack is donated): a stacked variable is filled one layer at a time."""
+    return jax.lax.dynamic_update_index_in_dim(stack, value, i, 0)
 
 
 def variables_of(module: nnx.Module, stacked: str | None = None) -> dict[str, np.ndarray]:
