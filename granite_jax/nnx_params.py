@@ -54,8 +54,8 @@ def module_from_params(
     """The module `make()` builds, with its variables set from `params` (cast to each variable's dtype).
 
     `params` may be lazy (read on access). With `consume`, each entry is deleted from `params` once it is
-    on the device, so the weights are never held twice (a stacked variable is gathered on the host first,
-    one variable at a time). `what` prefixes error messages ("projector ").
+    on the device, so the weights are never held twice (a stacked variable is filled in place on the
+    device, one layer at a time). `what` prefixes error messages ("projector ").
     """
     model = nnx.eval_shape(make)
     graphdef, state = nnx.split(model)
