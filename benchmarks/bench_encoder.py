@@ -292,10 +292,9 @@ def worker(
 # ------------------------------------------------------------------------------------------------------------------
 def prepare(directory: str, layers: int | None) -> dict:
     """Save the random HF checkpoint as `directory`/hf and its granite_jax conversion as `directory`/granite_jax."""
-    from granite_jax.convert.convert import convert_checkpoint
-
     from granite_jax.config import PRODUCTION
-    from granite_jax.reference import make_hf_checkpoint
+    from granite_jax.convert.convert import convert_checkpoint
+    from granite_jax.testing.hf import make_hf_checkpoint
 
     cfg = PRODUCTION if layers is None else dataclasses.replace(PRODUCTION, num_layers=layers)
     t0 = time.perf_counter()

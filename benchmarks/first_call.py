@@ -19,11 +19,11 @@ import numpy as np
 from flax import nnx
 from jax import monitoring
 
-from granite_jax.api import GraniteEncoder
 from granite_jax.cli import DEMO_PROJECTOR
 from granite_jax.config import PRODUCTION, ProjectorConfig
 from granite_jax.modeling import GraniteSpeechEncoder
 from granite_jax.projector import GraniteSpeechProjector
+from granite_jax.runner import Runner
 
 SR = 16000
 COMPILE_EVENTS = ("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration", "backend_compile_duration")
@@ -42,7 +42,7 @@ def main() -> None:
 
     monitoring.register_event_duration_secs_listener(on_event)
     pcfg = ProjectorConfig(**DEMO_PROJECTOR, encoder_hidden_size=PRODUCTION.output_width)
-    model = GraniteEncoder(
+    model = Runner(
         GraniteSpeechEncoder(PRODUCTION, rngs=nnx.Rngs(0)), projector=GraniteSpeechProjector(pcfg, rngs=nnx.Rngs(1))
     )
     print(f"encode(waveform), production encoder + projector, fp32, jax {jax.__version__} on {jax.devices()[0]}")

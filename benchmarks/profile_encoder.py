@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from granite_jax import modeling
+from granite_jax import modeling, tiling
 from granite_jax.config import PRODUCTION
 
 
@@ -39,7 +39,7 @@ def compile_stats(cfg, batch: int, frames: int, chunk_blocks: int | None = 8) ->
     graphdef, state = nnx.split(nnx.eval_shape(lambda: modeling.GraniteSpeechEncoder(cfg)))
     x = jax.ShapeDtypeStruct((batch, frames, cfg.input_dim), jnp.float32)
     valid = jax.ShapeDtypeStruct((batch, frames), jnp.bool_)
-    fwd = jax.jit(lambda s, x, v: nnx.merge(graphdef, s)(x, v, chunk_blocks=chunk_blocks))
+    fwd = jax.jit(lambda s, x, v: tiling.encode(nnx.merge(graphdef, s), x, v, chunk_blocks))
     t0 = time.perf_counter()
     compiled = fwd.lower(state, x, valid).compile()
     seconds = time.perf_counter() - t0

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from granite_jax.convert.convert import DTYPES, convert_checkpoint
-from granite_jax.convert.key_map import ConversionError
-
 from granite_jax.checkpoint import CheckpointError
 from granite_jax.config import ConfigError
+from granite_jax.convert.convert import DTYPES, convert_checkpoint
+from granite_jax.convert.key_map import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:

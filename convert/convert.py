@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import ml_dtypes
 import numpy as np
-from granite_jax.convert.key_map import PROJECTOR_KEYS, ConversionError, hf_to_flax
-from granite_jax.convert.sources import open_hf_checkpoint
 
 from granite_jax import checkpoint
 from granite_jax.checkpoint import Converted
-from granite_jax.config import EncoderConfig, ProjectorConfig
+from granite_jax.config import EncoderConfig, FeatureConfig, ProjectorConfig
+from granite_jax.convert.key_map import PROJECTOR_KEYS, ConversionError, hf_to_flax
+from granite_jax.convert.sources import open_hf_checkpoint
+from granite_jax.modeling import abstract_params
+from granite_jax.projector import abstract_projector_params
 
+# 2: full checkpoints also convert the projector; 3: preprocessor_config.json is carried over
+CONVERTER_VERSION = "3"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -20,8 +25,6 @@ def _np_dtype(name: str):
     if name not in DTYPES:
         raise ConversionError(f"dtype must be one of {DTYPES}, got {name!r}")
     if name == "bfloat16":
-        import ml_dtypes
-
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
@@ -40,15 +43,11 @@ def convert_hf(src: str, *, dtype: str = "float32", progress: bool = False, revi
     Returns `Converted(config, {nnx path: array}, provenance, projector_config, projector_params)`; the
     projector fields are None for a bare encoder. `dtype` is the stored dtype of every floating parameter.
     """
-    from granite_jax.convert import CONVERTER_VERSION
-
-    from granite_jax.modeling import abstract_params
-    from granite_jax.projector import abstract_projector_params
-
     target = _np_dtype(dtype)
     with open_hf_checkpoint(src, revision=revision) as ckpt:
         config = EncoderConfig.from_hf_config(ckpt.config)
         pcfg = ProjectorConfig.from_hf_config(ckpt.config)
+        features = FeatureConfig() if ckpt.feature_config is None else FeatureConfig.from_hf_config(ckpt.feature_config)
         if pcfg is not None and pcfg.encoder_hidden_size != config.output_width:
             raise ConversionError(
                 f"{src}: the projector's encoder_hidden_size ({pcfg.encoder_hidden_size}) is not the encoder's "
@@ -85,10 +84,11 @@ def convert_hf(src: str, *, dtype: str = "float32", progress: bool = False, revi
         "source_dtype": source_dtype,
         "dtype": dtype,
         "converter_version": CONVERTER_VERSION,
+        "feature_config_source": "defaults" if ckpt.feature_config is None else "preprocessor_config.json",
     }
     if pcfg is not None:
         provenance["source_projector_prefix"] = ckpt.projector_prefix
-    return Converted(config, params, provenance, pcfg, projector_params)
+    return Converted(config, params, provenance, pcfg, projector_params, features)
 
 
 def convert_checkpoint(
@@ -106,5 +106,6 @@ def convert_checkpoint(
         overwrite=overwrite,
         projector_config=conv.projector_config,
         projector_params=conv.projector_params,
+        feature_config=conv.feature_config,
     )
     return conv.provenance

@@ -7,6 +7,7 @@ shards that hold them are opened; `language_model.*` is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,20 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from granite_jax.convert.key_map import ConversionError
 
+from granite_jax.config import has_projector
+from granite_jax.convert.key_map import ConversionError
 from granite_jax.safetensors_file import SafetensorsFile
 
 # Encoder prefixes, most specific first: published full checkpoints use `encoder.`; transformers'
 # in-memory layout is `model.encoder.`; a bare GraniteSpeechCTCEncoder has none.
 ENCODER_PREFIXES = ("model.encoder.", "encoder.")
-_FULL_MODEL_TYPES = ("granite_speech", "granite_speech_plus")
+FEATURE_CONFIG_FILE = "preprocessor_config.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def has_projector(config: dict[str, Any]) -> bool:
-    """Whether an HF config describes a whole model with an audio projector (not a bare encoder)."""
-    return "projector_config" in config or config.get("model_type") in _FULL_MODEL_TYPES
 
 
 def projector_prefix_for(encoder_prefix: str) -> str:
@@ -47,6 +44,7 @@ class HFCheckpoint:
     prefix: str
     weight_map: dict[str, str]  # full key -> file holding it
     projector_prefix: str | None = None
+    feature_config: dict[str, Any] | None = None  # preprocessor_config.json, when the checkpoint has one
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
     _torch_state: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -185,12 +183,18 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
         config = json.load(f)
     weight_map = _weight_map(directory)
     prefix = _find_prefix(weight_map, src)
+    features = None
+    features_path = os.path.join(directory, FEATURE_CONFIG_FILE)
+    if os.path.exists(features_path):
+        with open(features_path) as f:
+            features = json.load(f)
     ckpt = HFCheckpoint(
         source=src,
         config=config,
         prefix=prefix,
         weight_map=weight_map,
         projector_prefix=projector_prefix_for(prefix) if has_projector(config) else None,
+        feature_config=features,
     )
     # Only the shards holding encoder (and projector) tensors must be present (a hub download fetches just those).
     missing = [os.path.basename(f) for f in ckpt.needed_files if not os.path.exists(f)]
@@ -215,6 +219,8 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
 
     try:
         config_path = get("config.json")
+        with contextlib.suppress(EntryNotFoundError):  # optional: the defaults without it
+            get(FEATURE_CONFIG_FILE)
         try:
             index_path = get("model.safetensors.index.json")
         except EntryNotFoundError:

@@ -12,10 +12,10 @@ DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "granite_jax", "xl
 def enable_compilation_cache(path: str | os.PathLike | None = None, *, min_compile_seconds: float = 0.0) -> str:
     """Keep compiled executables on disk, so a new process skips XLA compilation for shapes seen before.
 
-    Each length bucket compiles once per machine and jax version instead of once per process (about
-    1-3 s each at the production size on CPU). `path` defaults to `$GRANITE_JAX_CACHE_DIR` or
-    `~/.cache/granite_jax/xla`. Call before the first `encode`; returns the directory used. The same as
-    setting `jax_compilation_cache_dir` yourself (see JAX's "Persistent compilation cache" docs).
+    Each length bucket compiles once per machine and jax version instead of once per process. `path`
+    defaults to `$GRANITE_JAX_CACHE_DIR` or `~/.cache/granite_jax/xla`. Call before the first `encode`;
+    returns the directory used. The same as setting `jax_compilation_cache_dir` yourself (see JAX's
+    "Persistent compilation cache" docs).
     """
     path = os.fspath(path or os.environ.get("GRANITE_JAX_CACHE_DIR") or DEFAULT_DIR)
     os.makedirs(path, exist_ok=True)

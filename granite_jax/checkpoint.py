@@ -6,9 +6,12 @@ and provenance. No pickle. Written atomically: a failed write leaves nothing beh
                                 projector's (if any) under `projector.`, e.g. projector.linear.kernel
     DST/projector_config.json   only with a projector: ProjectorConfig.to_hf_dict() (the full HF config's
                                 projector_config, window_size, downsample_rate, text_config.hidden_size)
+    DST/preprocessor_config.json  the feature extractor's settings, as HF's `GraniteSpeechFeatureExtractor`
+                                writes them (the source's, or the defaults when it had none)
     DST/granite_jax.json        format version, source, dtype, converter version, time
 
-The projector is an addition within format version 1: directories without it still load (projector None).
+The projector and the feature settings are additions within format version 1: directories without them
+still load (no projector; the default feature settings).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from granite_jax.config import EncoderConfig, ProjectorConfig
+from granite_jax.config import EncoderConfig, FeatureConfig, ProjectorConfig
 from granite_jax.safetensors_file import SafetensorsFile
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 PROJECTOR_CONFIG_FILE = "projector_config.json"
 PARAMS_FILE = "params.safetensors"
+FEATURE_CONFIG_FILE = "preprocessor_config.json"
 META_FILE = "granite_jax.json"
 PROJECTOR_PREFIX = "projector."  # the projector's NNX paths in params.safetensors
 
@@ -46,6 +50,7 @@ class Converted(NamedTuple):
     provenance: dict[str, Any]
     projector_config: ProjectorConfig | None = None
     projector_params: Mapping[str, np.ndarray] | None = None
+    feature_config: FeatureConfig = FeatureConfig()
 
 
 class CheckpointError(ValueError):
@@ -66,6 +71,7 @@ def save(
     overwrite: bool = False,
     projector_config: ProjectorConfig | None = None,
     projector_params: Mapping[str, np.ndarray] | None = None,
+    feature_config: FeatureConfig = FeatureConfig(),
 ) -> None:
     """Write a checkpoint directory atomically (temp dir + rename); refuse to replace one unless `overwrite`.
 
@@ -92,6 +98,8 @@ def save(
             with open(os.path.join(tmp, PROJECTOR_CONFIG_FILE), "w") as f:
                 json.dump(projector_config.to_hf_dict(), f, indent=2, sort_keys=True)
             arrays.update({PROJECTOR_PREFIX + k: np.require(v, requirements="C") for k, v in projector_params.items()})
+        with open(os.path.join(tmp, FEATURE_CONFIG_FILE), "w") as f:
+            json.dump(feature_config.to_hf_dict(projector_config), f, indent=2, sort_keys=True)
         save_file(arrays, os.path.join(tmp, PARAMS_FILE), metadata={"format": "granite_jax"})
         meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         meta.update(provenance)
@@ -157,4 +165,7 @@ def load(path: str | os.PathLike) -> Converted:
         projector_params = LazyParams(file, prefix=PROJECTOR_PREFIX)
     elif any(name.startswith(PROJECTOR_PREFIX) for name in file.keys()):  # noqa: SIM118 (not a dict)
         raise CheckpointError(f"{path} has projector parameters but no {PROJECTOR_CONFIG_FILE}")
-    return Converted(config, params, meta, projector_config, projector_params)
+    feature_config = FeatureConfig()
+    if os.path.exists(os.path.join(path, FEATURE_CONFIG_FILE)):
+        feature_config = FeatureConfig.from_hf_config(os.path.join(path, FEATURE_CONFIG_FILE))
+    return Converted(config, params, meta, projector_config, projector_params, feature_config)

@@ -53,10 +53,10 @@ def demo(layers: int, clip: str, seconds: float | None, runs: int, batch: int) -
     import granite_jax
     from granite_jax.config import PRODUCTION
     from granite_jax.convert.convert import convert_checkpoint
-    from granite_jax.reference import _require_torch, make_hf_full_checkpoint
+    from granite_jax.testing.hf import make_hf_full_checkpoint, require_torch
 
     try:
-        torch, transformers = _require_torch()
+        torch, transformers = require_torch()
     except ImportError as e:
         print(f"granite-jax demo compares against the torch reference: {e}", file=sys.stderr)
         return 1

@@ -1,21 +1,99 @@
-"""Frozen encoder configuration with Hugging Face's field names."""
+"""Every configuration in one place: frozen, validated dataclasses with Hugging Face's field names.
+
+- `EncoderConfig`: `GraniteSpeechEncoderConfig` / `GraniteSpeechPlusEncoderConfig` (`config.json`).
+- `ProjectorConfig`: the Q-Former projector of a full `GraniteSpeech(Plus)Config`.
+- `FeatureConfig`: `GraniteSpeechFeatureExtractor`'s settings (`preprocessor_config.json`).
+
+Each has `from_hf_config` (a path, a directory, a dict or a `PretrainedConfig`) and `to_hf_dict`; defaults
+are written once, in the dataclass fields, and are transformers' own.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
-# model_type values of configs that carry an `encoder_config` inside them.
-_FULL_MODEL_TYPES = ("granite_speech", "granite_speech_plus")
-_ENCODER_MODEL_TYPES = ("granite_speech_encoder", "granite_speech_plus_encoder")
+import numpy as np
+
+from granite_jax.layers import ACTIVATIONS
+
+# model_type values of configs that carry an `encoder_config` (and a projector) inside them.
+FULL_MODEL_TYPES = ("granite_speech", "granite_speech_plus")
+ENCODER_MODEL_TYPES = ("granite_speech_encoder", "granite_speech_plus_encoder")
+QFORMER_MODEL_TYPE = "blip_2_qformer"
+FEATURE_EXTRACTOR_TYPE = "GraniteSpeechFeatureExtractor"
 
 
 class ConfigError(ValueError):
-    """An encoder configuration that the reference model would reject or that makes no sense."""
+    """A configuration that the reference model would reject or that makes no sense."""
 
 
+def check_positive_ints(obj: Any, names: Iterable[str], what: str = "", *, allow_zero: Iterable[str] = ()) -> None:
+    """Raise ConfigError unless each named field of `obj` is a positive integer (or >= 0 if in `allow_zero`).
+
+    numpy integers are accepted and stored back as Python ints (frozen dataclasses included).
+    """
+    zero_ok = set(allow_zero)
+    for name in names:
+        value = getattr(obj, name)
+        low = 0 if name in zero_ok else 1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            kind = "a non-negative" if low == 0 else "a positive"
+            raise ConfigError(f"{what}{name} must be {kind} integer, got {value!r}")
+        object.__setattr__(obj, name, int(value))
+
+
+def read_hf_config(config: Any, filename: str = "config.json") -> dict:
+    """An HF config given as a path (the file, or a directory holding `filename`), dict or PretrainedConfig -> dict."""
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, filename)
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"no {filename} at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(config).__name__}")
+        return config
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, dict):
+        raise ConfigError(f"expected a dict, a path to {filename} or a PretrainedConfig, got {type(config).__name__}")
+    return config
+
+
+def _sub_config(config: dict, name: str) -> dict:
+    sub = config.get(name)
+    if sub is None:
+        return {}
+    if hasattr(sub, "to_dict"):
+        sub = sub.to_dict()
+    if not isinstance(sub, dict):
+        raise ConfigError(f"{name} must be a dict, got {type(sub).__name__}")
+    return sub
+
+
+def _known_fields(cls, config: dict, names: Iterable[str] | None = None) -> dict:
+    """The entries of `config` that are fields of `cls` (or of `names`); None values mean "the default"."""
+    names = set(names if names is not None else (f.name for f in dataclasses.fields(cls)))
+    return {k: v for k, v in config.items() if k in names and v is not None}
+
+
+def has_projector(config: dict) -> bool:
+    """Whether an HF config dict describes a whole model with an audio projector (not a bare encoder)."""
+    return "projector_config" in config or config.get("model_type") in FULL_MODEL_TYPES
+
+
+# -- the encoder -------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """`GraniteSpeechEncoderConfig` / `GraniteSpeechPlusEncoderConfig` as a frozen, validated dataclass.
@@ -40,46 +118,39 @@ class EncoderConfig:
     cat_hidden_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in (
-            "input_dim",
-            "hidden_dim",
-            "feedforward_mult",
-            "num_heads",
-            "output_dim",
-            "context_size",
-            "max_pos_emb",
-            "conv_kernel_size",
-            "conv_expansion_factor",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.num_layers, int) or self.num_layers < 0:
-            raise ConfigError(f"num_layers must be a non-negative integer, got {self.num_layers!r}")
+        check_positive_ints(
+            self,
+            ("input_dim", "num_layers", "hidden_dim", "feedforward_mult", "num_heads", "output_dim")
+            + ("context_size", "max_pos_emb", "conv_kernel_size", "conv_expansion_factor"),
+            allow_zero=("num_layers",),
+        )
         if self.dim_head is None:
             if self.hidden_dim // self.num_heads <= 0:
                 raise ConfigError(
                     f"hidden_dim // num_heads is {self.hidden_dim // self.num_heads}; set dim_head explicitly"
                 )
             object.__setattr__(self, "dim_head", self.hidden_dim // self.num_heads)
-        elif not isinstance(self.dim_head, int) or self.dim_head <= 0:
-            raise ConfigError(f"dim_head must be a positive integer, got {self.dim_head!r}")
+        check_positive_ints(self, ("dim_head",))
         if self.context_size > self.max_pos_emb:
             raise ConfigError(
                 f"context_size ({self.context_size}) exceeds max_pos_emb ({self.max_pos_emb}): the relative "
                 "position table cannot cover a block"
             )
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.number)) or not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        object.__setattr__(self, "dropout", float(dropout))
         if self.cat_hidden_layers is not None:
+            if isinstance(self.cat_hidden_layers, (str, bytes)) or not isinstance(self.cat_hidden_layers, Iterable):
+                raise ConfigError(f"cat_hidden_layers must be a list of layer indices, got {self.cat_hidden_layers!r}")
             layers = tuple(self.cat_hidden_layers)
             for idx in layers:
-                if not isinstance(idx, int) or not 0 <= idx <= self.num_layers:
+                if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)) or not 0 <= idx <= self.num_layers:
                     raise ConfigError(
                         f"cat_hidden_layers entry {idx!r} is out of range [0, {self.num_layers}] "
                         "(0 is the input projection, i the output of block i)"
                     )
-            object.__setattr__(self, "cat_hidden_layers", layers)
+            object.__setattr__(self, "cat_hidden_layers", tuple(int(i) for i in layers))
 
     # -- derived quantities -------------------------------------------------------------------------
     @property
@@ -115,22 +186,26 @@ class EncoderConfig:
         """
         config = read_hf_config(config)
         model_type = config.get("model_type")
-        if "encoder_config" in config or model_type in _FULL_MODEL_TYPES:
+        if "encoder_config" in config or model_type in FULL_MODEL_TYPES:
             enc = config.get("encoder_config")
+            if hasattr(enc, "to_dict"):
+                enc = enc.to_dict()
             if not isinstance(enc, dict):
                 raise ConfigError(f"config of model_type {model_type!r} has no encoder_config")
             config = enc
             model_type = config.get("model_type")
-        if model_type is not None and model_type not in _ENCODER_MODEL_TYPES:
+        if model_type is not None and model_type not in ENCODER_MODEL_TYPES:
             raise ConfigError(
                 f"model_type {model_type!r} is not a Granite Speech encoder (expected one of "
-                f"{_ENCODER_MODEL_TYPES + _FULL_MODEL_TYPES})"
+                f"{ENCODER_MODEL_TYPES + FULL_MODEL_TYPES})"
             )
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in names}
-        if kwargs.get("cat_hidden_layers") is not None:
-            kwargs["cat_hidden_layers"] = tuple(kwargs["cat_hidden_layers"])
-        return cls(**kwargs)
+        kwargs = _known_fields(cls, config)
+        if config.get("cat_hidden_layers") is not None:
+            kwargs["cat_hidden_layers"] = config["cat_hidden_layers"]
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # a field of the wrong kind that the checks above could not reach
+            raise ConfigError(f"encoder config: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The HF encoder config dict (what `config.json` of a bare HF encoder holds)."""
@@ -160,77 +235,23 @@ PRODUCTION = EncoderConfig(
 )
 
 
-# Q-Former activations (transformers' ACT2FN names) the projector implements exactly.
-PROJECTOR_ACTIVATIONS = (
-    "gelu",
-    "gelu_python",
-    "gelu_new",
-    "gelu_fast",
-    "gelu_pytorch_tanh",
-    "gelu_python_tanh",
-    "quick_gelu",
-    "relu",
-    "silu",
-    "swish",
-    "tanh",
-    "sigmoid",
-)
-_QFORMER_MODEL_TYPE = "blip_2_qformer"
-# Defaults transformers fills in when a full config leaves a sub-config out (Blip2QFormerConfig, GraniteConfig).
-_QFORMER_DEFAULTS = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    hidden_act="gelu",
-    layer_norm_eps=1e-12,
-    cross_attention_frequency=2,
-    encoder_hidden_size=1408,
-    use_qformer_text_input=False,
-)
-_TEXT_HIDDEN_SIZE_DEFAULT = 4096
-
-
-def read_hf_config(config: Any, filename: str = "config.json") -> dict:
-    """An HF config given as a path (the file, or a directory holding `filename`), dict or PretrainedConfig -> dict."""
-    if isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        if os.path.isdir(path):
-            path = os.path.join(path, filename)
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"no {filename} at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    elif hasattr(config, "to_dict"):
-        config = config.to_dict()
-    if not isinstance(config, dict):
-        raise ConfigError(f"expected a dict, a path to {filename} or a PretrainedConfig, got {type(config).__name__}")
-    return config
-
-
-def _sub_config(config: dict, name: str, default: dict) -> dict:
-    sub = config.get(name)
-    if sub is None:
-        return default
-    if hasattr(sub, "to_dict"):
-        sub = sub.to_dict()
-    if not isinstance(sub, dict):
-        raise ConfigError(f"{name} must be a dict, got {type(sub).__name__}")
-    return sub
+# -- the projector -----------------------------------------------------------------------------------------
+# The fields of ProjectorConfig that live in the full config's `projector_config` (the rest are top-level
+# window_size / downsample_rate and text_config.hidden_size).
+_TOP_LEVEL = ("window_size", "downsample_rate")
+_LLM = "llm_hidden_size"
+PROJECTOR_ACTIVATIONS = tuple(ACTIVATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
 class ProjectorConfig:
     """The audio projector of `GraniteSpeech(Plus)ForConditionalGeneration` as a frozen, validated dataclass.
 
-    A BLIP-2 Q-Former (`projector_config`, HF field names and defaults) whose `num_queries` learned
-    queries cross-attend to each window of `window_size` encoder frames, then a linear map to the
-    language model's width. `window_size` and `downsample_rate` are the full config's fields;
-    `llm_hidden_size` is `text_config.hidden_size`; `encoder_hidden_size` is the encoder's output
-    width (hidden_dim, or hidden_dim x (exports + 1) for plus).
+    A BLIP-2 Q-Former (`projector_config`, HF field names and `Blip2QFormerConfig`'s defaults) whose
+    `num_queries` learned queries cross-attend to each window of `window_size` encoder frames, then a linear
+    map to the language model's width. `window_size` and `downsample_rate` are the full config's fields;
+    `llm_hidden_size` is `text_config.hidden_size` (GraniteConfig's default 4096); `encoder_hidden_size` is
+    the encoder's output width (hidden_dim, or hidden_dim x (exports + 1) for plus).
     """
 
     hidden_size: int = 768
@@ -247,33 +268,27 @@ class ProjectorConfig:
     llm_hidden_size: int = 4096
 
     def __post_init__(self) -> None:
-        for name in (
-            "hidden_size",
-            "num_attention_heads",
-            "intermediate_size",
-            "cross_attention_frequency",
-            "encoder_hidden_size",
-            "window_size",
-            "downsample_rate",
-            "llm_hidden_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"projector {name} must be a positive integer, got {value!r}")
+        check_positive_ints(
+            self,
+            ("hidden_size", "num_attention_heads", "intermediate_size", "cross_attention_frequency")
+            + ("encoder_hidden_size", "window_size", "downsample_rate", "llm_hidden_size"),
+            "projector ",
+        )
         n = self.num_hidden_layers
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ConfigError(
                 f"projector num_hidden_layers must be at least 1, got {n!r}: layer 0 is the Q-Former's only "
                 "guaranteed cross-attention, and without it the output ignores the audio"
             )
+        object.__setattr__(self, "num_hidden_layers", int(n))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"projector hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.hidden_act not in PROJECTOR_ACTIVATIONS:
+        if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(
-                f"projector hidden_act {self.hidden_act!r} is not supported (one of {', '.join(PROJECTOR_ACTIVATIONS)})"
+                f"projector hidden_act {self.hidden_act!r} is not supported (one of {', '.join(ACTIVATIONS)})"
             )
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
@@ -308,6 +323,11 @@ class ProjectorConfig:
         """Whether Q-Former layer `layer_idx` (0-based) cross-attends to the encoder (HF: idx % freq == 0)."""
         return layer_idx % self.cross_attention_frequency == 0
 
+    @classmethod
+    def qformer_fields(cls) -> tuple[str, ...]:
+        """The fields that live in the full config's `projector_config` (a Blip2QFormerConfig)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _TOP_LEVEL + (_LLM,))
+
     # -- (de)serialisation --------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, config: Any) -> ProjectorConfig | None:
@@ -318,33 +338,113 @@ class ProjectorConfig:
         """
         config = read_hf_config(config)
         model_type = config.get("model_type")
-        if "projector_config" not in config and model_type not in _FULL_MODEL_TYPES:
-            if model_type is None or model_type in _ENCODER_MODEL_TYPES:
+        if not has_projector(config):
+            if model_type is None or model_type in ENCODER_MODEL_TYPES:
                 return None
             raise ConfigError(
                 f"model_type {model_type!r} is not a Granite Speech model (expected one of "
-                f"{_FULL_MODEL_TYPES + _ENCODER_MODEL_TYPES})"
+                f"{FULL_MODEL_TYPES + ENCODER_MODEL_TYPES})"
             )
-        proj = _sub_config(config, "projector_config", dict(_QFORMER_DEFAULTS))
-        if proj.get("model_type", _QFORMER_MODEL_TYPE) != _QFORMER_MODEL_TYPE:
+        proj = _sub_config(config, "projector_config")
+        if proj.get("model_type", QFORMER_MODEL_TYPE) != QFORMER_MODEL_TYPE:
             raise ConfigError(
-                f"projector_config has model_type {proj.get('model_type')!r}; only {_QFORMER_MODEL_TYPE!r} "
+                f"projector_config has model_type {proj.get('model_type')!r}; only {QFORMER_MODEL_TYPE!r} "
                 "(the BLIP-2 Q-Former every Granite Speech release uses) is supported"
             )
-        names = set(_QFORMER_DEFAULTS)
-        kwargs = {k: v for k, v in proj.items() if k in names}
-        text = _sub_config(config, "text_config", {})
-        kwargs["llm_hidden_size"] = text.get("hidden_size", _TEXT_HIDDEN_SIZE_DEFAULT)
-        for name in ("window_size", "downsample_rate"):
-            if name in config:
-                kwargs[name] = config[name]
-        return cls(**kwargs)
+        kwargs = _known_fields(cls, proj, cls.qformer_fields())
+        kwargs.update(_known_fields(cls, config, _TOP_LEVEL))
+        llm = _sub_config(config, "text_config").get("hidden_size")
+        if llm is not None:
+            kwargs[_LLM] = llm
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"projector config: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The fields of a full HF config that define the projector (`from_hf_config` reads it back)."""
         d = dataclasses.asdict(self)
-        top = {"window_size": d.pop("window_size"), "downsample_rate": d.pop("downsample_rate")}
-        top["text_config"] = {"hidden_size": d.pop("llm_hidden_size")}
-        d["model_type"] = _QFORMER_MODEL_TYPE
+        top = {k: d.pop(k) for k in _TOP_LEVEL}
+        top["text_config"] = {"hidden_size": d.pop(_LLM)}
+        d["model_type"] = QFORMER_MODEL_TYPE
         top["projector_config"] = d
         return top
+
+
+# -- the feature extractor ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    """`GraniteSpeechFeatureExtractor`'s log-mel settings, with HF's names and defaults."""
+
+    sampling_rate: int = 16000
+    n_fft: int = 512
+    win_length: int = 400
+    hop_length: int = 160
+    n_mels: int = 80
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, self.hf_fields(), "FeatureConfig.")
+        if self.n_fft < 2:
+            raise ConfigError(f"FeatureConfig.n_fft must be at least 2, got {self.n_fft}")
+        if self.win_length > self.n_fft:
+            raise ConfigError(
+                f"FeatureConfig.win_length ({self.win_length}) exceeds n_fft ({self.n_fft}): torch.stft needs "
+                "the window to fit in the FFT"
+            )
+
+    @classmethod
+    def hf_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @property
+    def num_freqs(self) -> int:
+        """Bins of the one-sided FFT."""
+        return self.n_fft // 2 + 1
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of an encoder frame: two stacked mel frames (the encoder's `input_dim`)."""
+        return 2 * self.n_mels
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> FeatureConfig:
+        """Build from HF's `preprocessor_config.json` (a path, its directory, the dict, or the extractor).
+
+        HF's extractor reads only the top-level fields (missing ones take the defaults) and ignores the saved
+        `melspec_kwargs`; a file whose `melspec_kwargs` disagree with them is refused, since it then says two
+        things (and transformers would silently use the top-level values).
+        """
+        if hasattr(config, "to_dict") and not isinstance(config, dict):
+            config = config.to_dict()
+        config = read_hf_config(config, "preprocessor_config.json")
+        fe_type = config.get("feature_extractor_type")
+        if fe_type is not None and fe_type != FEATURE_EXTRACTOR_TYPE:
+            raise ConfigError(f"feature_extractor_type {fe_type!r} is not {FEATURE_EXTRACTOR_TYPE}")
+        cfg = cls(**_known_fields(cls, config))
+        saved = config.get("melspec_kwargs") or {}
+        if not isinstance(saved, dict):
+            raise ConfigError(f"melspec_kwargs must be a dict, got {type(saved).__name__}")
+        for key, value in saved.items():
+            field = "sampling_rate" if key == "sample_rate" else key
+            if field in cls.hf_fields() and value != getattr(cfg, field):
+                raise ConfigError(
+                    f"melspec_kwargs[{key!r}] = {value!r} disagrees with {field} = {getattr(cfg, field)!r}, "
+                    "which HF's extractor uses (it ignores melspec_kwargs): set the top-level field"
+                )
+        return cfg
+
+    from_hf = from_hf_config  # the earlier name
+
+    def to_hf_dict(self, projector: ProjectorConfig | None = None) -> dict[str, Any]:
+        """`preprocessor_config.json` as transformers reads it back (top-level fields and melspec_kwargs).
+
+        With `projector`, its window_size / downsample_rate go in as HF's `projector_*` fields.
+        """
+        d: dict[str, Any] = {"feature_extractor_type": FEATURE_EXTRACTOR_TYPE, **dataclasses.asdict(self)}
+        d["melspec_kwargs"] = {
+            ("sample_rate" if k == "sampling_rate" else k): v for k, v in d.items() if k in self.hf_fields()
+        }
+        if projector is not None:
+            d["projector_window_size"] = projector.window_size
+            d["projector_downsample_rate"] = projector.downsample_rate
+        return d

@@ -138,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), unit="file", desc="encoding", disable=args.quiet)
     for batch in _batches(items, args.batch_size, args.max_batch_seconds):
-        waves = [load_audio(path) for _, path, _ in batch]
-        result = model.encode(waves, embeddings="embeddings" in levels)
+        sr = model.feature_config.sampling_rate
+        waves = [load_audio(path, sr) for _, path, _ in batch]
+        result = model.encode(waves, sr, embeddings="embeddings" in levels)
         texts_b = model.ctc_greedy(result.hidden_states, result.lengths) if "text" in levels else None
         for i, (name, _, _) in enumerate(batch):
             utt = result.utterance(i)

@@ -1,86 +1,28 @@
 """Granite Speech log-mel features in JAX, exact against HF's `GraniteSpeechFeatureExtractor` (no torch).
 
-HF computes torchaudio's `MelSpectrogram` with these settings (torchaudio's defaults beside the five fields of
-`FeatureConfig`): a periodic Hann window of `win_length` centred in `n_fft`, `center=True` with reflect padding of
-`n_fft // 2` samples, power 2, a one-sided FFT, and an HTK mel filterbank without normalisation from 0 Hz to
-`sampling_rate // 2`. Then `log10(max(mel, 1e-10))`, a floor 8 below the batch's maximum, `/ 4 + 1`, an odd last
-frame dropped and pairs of frames stacked into `2 * n_mels` wide encoder frames.
+HF computes torchaudio's `MelSpectrogram` with these settings (torchaudio's defaults beside the five
+fields of `config.FeatureConfig`): a periodic Hann window of `win_length` centred in `n_fft`,
+`center=True` with reflect padding of `n_fft // 2` samples, power 2, a one-sided FFT, and an HTK mel
+filterbank without normalisation from 0 Hz to `sampling_rate // 2`. Then `log10(max(mel, 1e-10))`, a floor
+8 below the batch's maximum, `/ 4 + 1`, an odd last frame dropped and pairs of frames stacked into
+`2 * n_mels` wide encoder frames.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from granite_jax.config import ConfigError, read_hf_config
+from granite_jax.buckets import ladder_frames, pad_rows, samples_for_frames
+from granite_jax.config import FeatureConfig
+from granite_jax.inputs import check_float_samples, waveform_rows
 
 BatchMode = Literal["per_utterance", "hf"]
 _BATCH_MODES = ("per_utterance", "hf")
-# HF's preprocessor_config.json keys -> FeatureConfig fields (`sample_rate` inside `melspec_kwargs`).
-_HF_FIELDS = ("sampling_rate", "n_fft", "win_length", "hop_length", "n_mels")
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureConfig:
-    """The feature extractor's settings, with HF's names and defaults (every released Granite Speech model)."""
-
-    sampling_rate: int = 16000
-    n_fft: int = 512
-    win_length: int = 400
-    hop_length: int = 160
-    n_mels: int = 80
-
-    def __post_init__(self) -> None:
-        for name in _HF_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"FeatureConfig.{name} must be a positive integer, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        if self.n_fft < 2:
-            raise ConfigError(f"FeatureConfig.n_fft must be at least 2, got {self.n_fft}")
-        if self.win_length > self.n_fft:
-            raise ConfigError(
-                f"FeatureConfig.win_length ({self.win_length}) exceeds n_fft ({self.n_fft}): torch.stft needs "
-                "the window to fit in the FFT"
-            )
-
-    @property
-    def num_freqs(self) -> int:
-        """Bins of the one-sided FFT."""
-        return self.n_fft // 2 + 1
-
-    @property
-    def feature_dim(self) -> int:
-        """Width of an encoder frame: two stacked mel frames (the encoder's `input_dim`)."""
-        return 2 * self.n_mels
-
-    @classmethod
-    def from_hf(cls, config: dict[str, Any] | str | os.PathLike) -> FeatureConfig:
-        """Build from HF's `preprocessor_config.json` (a path, its directory, or the loaded dict).
-
-        HF's extractor reads only the top-level fields (missing ones take the defaults) and ignores the saved
-        `melspec_kwargs`; one that disagrees with them is rejected, since the file then says two things.
-        """
-        config = read_hf_config(config, "preprocessor_config.json")
-        fe_type = config.get("feature_extractor_type")
-        if fe_type is not None and fe_type != "GraniteSpeechFeatureExtractor":
-            raise ConfigError(f"feature_extractor_type {fe_type!r} is not GraniteSpeechFeatureExtractor")
-        cfg = cls(**{k: config[k] for k in _HF_FIELDS if config.get(k) is not None})
-        saved = config.get("melspec_kwargs") or {}
-        for key, value in saved.items():
-            field = "sampling_rate" if key == "sample_rate" else key
-            if field in _HF_FIELDS and value != getattr(cfg, field):
-                raise ConfigError(
-                    f"melspec_kwargs[{key!r}] = {value!r} disagrees with {field} = {getattr(cfg, field)!r}, "
-                    "which HF's extractor uses (it ignores melspec_kwargs)"
-                )
-        return cfg
 
 
 def mel_filterbank(cfg: FeatureConfig = FeatureConfig()) -> np.ndarray:
@@ -206,42 +148,18 @@ _log_mel_jit = jax.jit(log_mel, static_argnames=("cfg", "hf_batch"))
 def prepare_waveforms(
     waveforms: Any, sampling_rate: float = 16000, cfg: FeatureConfig = FeatureConfig()
 ) -> list[np.ndarray]:
-    """Validate and resample: one 1-D array, a (B, N) array, or a list/tuple of 1-D arrays -> list of 1-D float32.
+    """Validate and resample -> a list of 1-D float32 numpy arrays at `cfg.sampling_rate`.
 
-    Raises TypeError for non-float samples, ValueError for a wrong shape, an empty input, NaN/inf or a waveform
-    shorter than `min_samples(cfg)` (after resampling to `cfg.sampling_rate`).
+    Raises TypeError for non-float samples, ValueError for a wrong shape, several channels, an empty input,
+    NaN/inf, or a waveform shorter than `min_samples(cfg)` (after resampling).
     """
     if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.number)) or sampling_rate <= 0:
         raise ValueError(f"sampling_rate must be a positive number, got {sampling_rate!r}")
-    if isinstance(waveforms, (list, tuple)):
-        if len(waveforms) == 0:
-            raise ValueError("got an empty list of waveforms")
-        items = [(f"waveform {i}", w) for i, w in enumerate(waveforms)]
-        single = False
-    else:
-        items = [("waveform", waveforms)]
-        single = True
-    rows: list[tuple[str, np.ndarray]] = []
-    for name, w in items:
-        dtype = np.dtype(w.dtype) if hasattr(w, "dtype") else np.asarray(w).dtype
-        if not np.issubdtype(dtype, np.floating):
-            hint = ""
-            if np.issubdtype(dtype, np.integer):
-                hint = " (integer PCM: read files with granite_jax.audio.load_audio, or divide int16 by 32768)"
-            raise TypeError(f"{name} has dtype {dtype}; expected floating-point samples in [-1, 1]{hint}")
+    out = []
+    for name, w in waveform_rows(waveforms):
+        check_float_samples(w.dtype, name)
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, reported below
             w = np.asarray(w, np.float32)
-        if single and w.ndim == 2:
-            if w.shape[0] == 0:
-                raise ValueError(f"got a {w.shape} batch: no waveforms")
-            rows.extend((f"waveform {i}", row) for i, row in enumerate(w))
-        elif w.ndim == 1:
-            rows.append((name, w))
-        else:
-            allowed = "1-D (one utterance) or 2-D (batch, samples)" if single else "1-D"
-            raise ValueError(f"{name} has shape {w.shape}; expected {allowed}")
-    out = []
-    for name, w in rows:
         if w.shape[0] == 0:
             raise ValueError(f"{name} is empty")
         if not np.all(np.isfinite(w)):
@@ -276,15 +194,15 @@ def extract_features(
         raise ValueError(f"batch_mode must be one of {_BATCH_MODES}, got {batch_mode!r}")
     rows = prepare_waveforms(waveforms, sampling_rate, cfg)
     raw = np.array([w.shape[0] for w in rows], np.int32)
-    batch = np.zeros((len(rows), int(raw.max())), np.float32)
-    for i, w in enumerate(rows):
-        batch[i, : w.shape[0]] = w
+    frames = num_encoder_frames(raw, cfg).astype(np.int32)
+    t = int(frames.max())
+    # padded to a length bucket, so that a stream of lengths compiles a bounded number of times
+    batch = pad_rows(rows, max(int(raw.max()), samples_for_frames(ladder_frames(t), cfg.hop_length)))
     features = _log_mel_jit(batch, raw, cfg, hf_batch=batch_mode == "hf")
-    return features, num_encoder_frames(raw, cfg).astype(np.int32)
+    return features[:, :t], frames
 
 
 __all__ = [
-    "FeatureConfig",
     "extract_features",
     "log_mel",
     "mel_filterbank",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,40 @@ def _names(path: tuple, shape: tuple[int, ...], stacked: str | None) -> Iterator
             yield path_str((stacked, i) + tuple(path[1:])), i
     else:
         yield path_str(path), None
+
+
+def stacked_modules(make: Callable[[nnx.Rngs], M], num: int, rngs: nnx.Rngs) -> M | None:
+    """`num` modules `make(rngs)` as one, each variable with a leading axis of `num` (for `nnx.scan`);
+    None when `num` is 0."""
+    if num == 0:
+        return None
+
+    @nnx.split_rngs(splits=num)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(rngs: nnx.Rngs) -> M:
+        return make(rngs)
+
+    return build(rngs)
+
+
+def scan_stacked(stacked: M, body: Callable[[M, Any, Any], Any], carry: Any, xs: Any, *, mutable: Any = None) -> Any:
+    """`carry = body(module_i, carry, xs[i])` for each index of a stacked module, in one `lax.scan`.
+
+    Plain split / merge around `lax.scan`, so that it works wherever the module was built (also one closed
+    over by a `jax.jit`). `mutable`: an `nnx` filter of the variables the body updates (BatchNorm statistics,
+    RNG counters in training); they are written back into `stacked`. None: nothing is written back.
+    """
+    graphdef, state = nnx.split(stacked)
+
+    def step(carry, inputs):
+        module = nnx.merge(graphdef, inputs[0])
+        carry = body(module, carry, inputs[1])
+        return carry, (nnx.state(module, mutable) if mutable is not None else None)
+
+    carry, updated = jax.lax.scan(step, carry, (state, xs))
+    if mutable is not None:
+        nnx.update(stacked, updated)
+    return carry
 
 
 def abstract_variables(make: Callable[[], nnx.Module], stacked: str | None = None) -> dict[str, jax.ShapeDtypeStruct]:

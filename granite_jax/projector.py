@@ -21,7 +21,7 @@ either way, and the windows after it are all zeros (their outputs are simply not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,39 +30,13 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from granite_jax.config import ProjectorConfig
+from granite_jax.layers import activation, dense, layer_norm
 from granite_jax.nnx_params import abstract_variables, module_from_params, variables_of
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # transformers' "gelu" is the exact erf form
-    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_python_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-}
-
-
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The JAX function for a transformers ACT2FN name (those in `config.PROJECTOR_ACTIVATIONS`)."""
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unsupported activation {name!r} (one of {', '.join(_ACTIVATIONS)})") from None
-
-
-def _dense(rngs: nnx.Rngs, n_in: int, n_out: int, **kw) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, rngs=rngs, **kw)
 
 
 def _layer_norm(rngs: nnx.Rngs, pcfg: ProjectorConfig, **kw) -> nnx.LayerNorm:
-    # Statistics in fp32 whatever the compute dtype (flax promotes them); two-pass variance like torch.
-    return nnx.LayerNorm(pcfg.hidden_size, epsilon=pcfg.layer_norm_eps, use_fast_variance=False, rngs=rngs, **kw)
+    # two-pass variance, like torch
+    return layer_norm(rngs, pcfg.hidden_size, eps=pcfg.layer_norm_eps, use_fast_variance=False, **kw)
 
 
 class QFormerMultiHeadAttention(nnx.Module):
@@ -75,9 +49,9 @@ class QFormerMultiHeadAttention(nnx.Module):
         kv_width = pcfg.encoder_hidden_size if is_cross_attention else pcfg.hidden_size
         self.num_heads = pcfg.num_attention_heads
         self.head_dim = pcfg.head_dim
-        self.query = _dense(rngs, pcfg.hidden_size, pcfg.hidden_size, **kw)
-        self.key = _dense(rngs, kv_width, pcfg.hidden_size, **kw)
-        self.value = _dense(rngs, kv_width, pcfg.hidden_size, **kw)
+        self.query = dense(rngs, pcfg.hidden_size, pcfg.hidden_size, **kw)
+        self.key = dense(rngs, kv_width, pcfg.hidden_size, **kw)
+        self.value = dense(rngs, kv_width, pcfg.hidden_size, **kw)
 
     def __call__(self, x: Float[Array, "bq q d"], states: Float[Array, "b k e"] | None = None) -> Float[Array, "b q d"]:
         src = x if states is None else states
@@ -97,7 +71,7 @@ class QFormerSelfOutput(nnx.Module):
     """`Blip2QFormerSelfOutput` (and `Blip2QFormerOutput`): LayerNorm(dense(h) + residual)."""
 
     def __init__(self, pcfg: ProjectorConfig, n_in: int, *, rngs: nnx.Rngs, **kw):
-        self.dense = _dense(rngs, n_in, pcfg.hidden_size, **kw)
+        self.dense = dense(rngs, n_in, pcfg.hidden_size, **kw)
         self.LayerNorm = _layer_norm(rngs, pcfg, **kw)
 
     def __call__(self, h: Float[Array, "b q i"], residual: Float[Array, "bq q d"]) -> Float[Array, "b q d"]:
@@ -119,7 +93,7 @@ class QFormerIntermediate(nnx.Module):
     """`Blip2QFormerIntermediate`: dense to intermediate_size, then hidden_act."""
 
     def __init__(self, pcfg: ProjectorConfig, *, rngs: nnx.Rngs, **kw):
-        self.dense = _dense(rngs, pcfg.hidden_size, pcfg.intermediate_size, **kw)
+        self.dense = dense(rngs, pcfg.hidden_size, pcfg.intermediate_size, **kw)
         self.act = activation(pcfg.hidden_act)
 
     def __call__(self, x: Float[Array, "b q d"]) -> Float[Array, "b q i"]:
@@ -187,7 +161,7 @@ class GraniteSpeechProjector(nnx.Module):
         self.dtype = dtype
         self.query = nnx.Param(jax.random.normal(rngs.params(), (1, pcfg.num_queries, pcfg.hidden_size), param_dtype))
         self.qformer = QFormerModel(pcfg, rngs=rngs, **kw)
-        self.linear = _dense(rngs, pcfg.hidden_size, pcfg.llm_hidden_size, **kw)
+        self.linear = dense(rngs, pcfg.hidden_size, pcfg.llm_hidden_size, **kw)
 
     @property
     def compute_dtype(self):

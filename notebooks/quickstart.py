@@ -41,7 +41,7 @@ import granite_jax
 from granite_jax.cli import DEMO_PROJECTOR
 from granite_jax.config import PRODUCTION
 from granite_jax.data import CLIPS, clip_path
-from granite_jax.reference import make_hf_full_checkpoint
+from granite_jax.testing.hf import make_hf_full_checkpoint
 
 SMALL = os.environ.get("GRANITE_JAX_NOTEBOOK_SMALL") == "1"
 cfg = dataclasses.replace(PRODUCTION, num_layers=2 if SMALL else 16)

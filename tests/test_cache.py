@@ -16,7 +16,7 @@ from granite_jax.modeling import GraniteSpeechEncoder
 from flax import nnx
 path = granite_jax.enable_compilation_cache(sys.argv[1])
 cfg = EncoderConfig(input_dim=12, num_layers=2, hidden_dim=32, num_heads=2, output_dim=7, context_size=8)
-enc = granite_jax.GraniteEncoder(GraniteSpeechEncoder(cfg, rngs=nnx.Rngs(0)))
+enc = granite_jax.Runner(GraniteSpeechEncoder(cfg, rngs=nnx.Rngs(0)))
 x = np.random.default_rng(0).standard_normal((2, 21, 12)).astype(np.float32)
 out = np.asarray(enc.encode_features(x, lengths=[21, 5]))
 print(json.dumps({"path": path, "sum": float(np.abs(out).sum())}))

@@ -7,11 +7,14 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from conftest import TINY, convert_cli, make_hf_checkpoint, rel_err, requires_torch, torch_encode
 from flax import nnx
 
 import granite_jax
-from granite_jax.modeling import GraniteSpeechEncoder, tile_plan
+from granite_jax.modeling import GraniteSpeechEncoder
+from granite_jax.testing import TINY, convert_cli, rel_err, torch_encode
+from granite_jax.testing.hf import make_hf_checkpoint
+from granite_jax.tiling import Tiled, tile_plan
+from granite_jax.tiling import encode as tiled_encode
 
 CONFIGS = {
     "tiny": TINY,
@@ -30,7 +33,7 @@ def test_chunked_equals_unchunked(name, chunk_blocks):
     x = np.random.default_rng(0).standard_normal((3, t, cfg.input_dim)).astype(np.float32)
     valid = np.arange(t)[None] < np.array([t, 5 * cfg.context_size + 1, 2])[:, None]
     want = jax.jit(lambda a, v: model(a, v))(x, valid)
-    got = jax.jit(lambda a, v: model(a, v, chunk_blocks=chunk_blocks))(x, valid)
+    got = jax.jit(lambda a, v: tiled_encode(model, a, v, chunk_blocks))(x, valid)
     assert rel_err(got, want) < 1e-5
     assert not np.asarray(got)[~valid].any()
 
@@ -66,11 +69,13 @@ def test_block_tiles_in_place(rows, t, kernel):
     valid = np.arange(t)[None] < np.array([t, t - 9, 3])[:rows, None]
     want = np.asarray(block(x, valid))
     for tile in (8, 16, 24, 2 * t):
-        got = np.asarray(jax.jit(lambda a, v, tile=tile: block(a, v, tile_frames=tile))(x, valid))
+        got = np.asarray(
+            jax.jit(lambda a, v, tile=tile: Tiled(tile, cfg.context_size).block(block, a, v, lambda o, _: o))(x, valid)
+        )
         assert got.shape == want.shape and rel_err(got, want) < 1e-5, tile
 
 
-@requires_torch
+@pytest.mark.torch
 @pytest.mark.parametrize("t_blocks,rem", [(9, 0), (9, 1), (13, -1)])
 def test_chunked_against_torch(tmp_path_factory, t_blocks, rem):
     """Through `load(chunk_blocks=2)`, a 9-13 block input matches the HF encoder (T % c in {0, 1, c-1})."""
@@ -88,7 +93,7 @@ def test_chunked_against_torch(tmp_path_factory, t_blocks, rem):
 
 
 def test_load_rejects_bad_chunk_blocks(tmp_path):
-    from granite_jax.api import GraniteEncoder
+    from granite_jax.runner import Runner
 
     with pytest.raises(ValueError, match="chunk_blocks"):
-        GraniteEncoder(GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0)), chunk_blocks=0)
+        Runner(GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0)), chunk_blocks=0)

@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
-from conftest import TINY, make_hf_checkpoint, requires_torch
+import pytest
 
 from granite_jax.cli import main
+from granite_jax.testing import TINY
+from granite_jax.testing.hf import make_hf_checkpoint
 
-pytestmark = requires_torch
+pytestmark = pytest.mark.torch
 
 
 def test_demo_runs_and_reports_parity(capsys):

@@ -6,16 +6,16 @@ import dataclasses
 import json
 
 import pytest
-from conftest import TINY, requires_torch
 
 from granite_jax.config import PRODUCTION, ConfigError, EncoderConfig
+from granite_jax.testing import TINY
 
 
-@requires_torch
+@pytest.mark.torch
 @pytest.mark.parametrize("plus", [False, True])
 def test_from_transformers_configs(tmp_path, plus):
     """Bare encoder configs and full GraniteSpeech(Plus)Config's encoder_config, as transformers writes them."""
-    from granite_jax.reference import _full_model, hf_encoder_config
+    from granite_jax.testing.hf import hf_encoder_config, hf_full_model
 
     cfg = dataclasses.replace(TINY, cat_hidden_layers=(2, 0)) if plus else TINY
     hf = hf_encoder_config(cfg)
@@ -23,7 +23,7 @@ def test_from_transformers_configs(tmp_path, plus):
     hf.save_pretrained(tmp_path / "enc")
     assert EncoderConfig.from_hf_config(tmp_path / "enc") == cfg
     assert EncoderConfig.from_hf_config(tmp_path / "enc" / "config.json") == cfg
-    full = _full_model(cfg, seed=0)
+    full = hf_full_model(cfg, seed=0, perturb=False)
     full.config.save_pretrained(tmp_path / "full")
     assert EncoderConfig.from_hf_config(tmp_path / "full") == cfg
     assert json.loads((tmp_path / "full" / "config.json").read_text())["model_type"].startswith("granite_speech")

@@ -10,15 +10,16 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY, convert_cli, make_hf_checkpoint, rel_err, requires_torch, torch_encode
-from granite_jax.convert import convert_hf, flax_to_hf
-from granite_jax.convert.cli import main as convert_main
 from safetensors.numpy import load_file, save_file
 
 import granite_jax
 from granite_jax import checkpoint
+from granite_jax.convert import convert_hf, flax_to_hf
+from granite_jax.convert.cli import main as convert_main
+from granite_jax.testing import TINY, convert_cli, rel_err, torch_encode
+from granite_jax.testing.hf import make_hf_checkpoint
 
-pytestmark = requires_torch
+pytestmark = pytest.mark.torch
 CFG = dataclasses.replace(TINY, num_layers=2)
 
 
@@ -51,7 +52,12 @@ def test_console_script(hf_dir, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "granite-jax-convert")
     out = subprocess.run([exe, src, tmp_path / "gj"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert sorted(os.listdir(tmp_path / "gj")) == ["config.json", "granite_jax.json", "params.safetensors"]
+    assert sorted(os.listdir(tmp_path / "gj")) == [
+        "config.json",
+        "granite_jax.json",
+        "params.safetensors",
+        "preprocessor_config.json",
+    ]
     meta = json.loads((tmp_path / "gj" / "granite_jax.json").read_text())
     assert meta["dtype"] == "float32" and meta["converter_version"] and meta["source"] == os.path.abspath(src)
     x = np.random.default_rng(0).standard_normal((1, 10, CFG.input_dim)).astype(np.float32)
@@ -237,23 +243,27 @@ def test_hub_download_fetches_only_what_the_encoder_needs(tmp_path, monkeypatch)
     def fake_download(repo_id, filename, revision=None, **kw):
         assert repo_id == "org/model"
         requested.append(filename)
+        if not (tmp_path / "remote" / filename).exists():
+            raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not in org/model")
         dst = tmp_path / "snapshot" / filename
         dst.parent.mkdir(exist_ok=True)
         shutil.copy(tmp_path / "remote" / filename, dst)
         return os.fspath(dst)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    config, params, prov, projector_config, projector_params = convert_hf("org/model")
+    config, params, prov, projector_config, projector_params, features = convert_hf("org/model")
     index = json.loads((tmp_path / "remote" / "model.safetensors.index.json").read_text())
     shards = {v for k, v in index["weight_map"].items() if k.startswith(("encoder.", "projector."))}
     projector_only = shards - {v for k, v in index["weight_map"].items() if k.startswith("encoder.")}
     assert projector_only, "the test needs a shard holding only projector tensors"
-    assert set(requested) == {"config.json", "model.safetensors.index.json"} | shards
+    # preprocessor_config.json is asked for (the remote has none: the defaults)
+    assert set(requested) == {"config.json", "preprocessor_config.json", "model.safetensors.index.json"} | shards
+    assert features == granite_jax.FeatureConfig() and prov["feature_config_source"] == "defaults"
     assert len(shards) < len(set(index["weight_map"].values()))
     assert prov["source"] == "org/model" and config == CFG
     assert projector_config is not None and "linear.kernel" in projector_params
     x = np.random.default_rng(8).standard_normal((1, 9, CFG.input_dim)).astype(np.float32)
-    model = granite_jax.GraniteEncoder(granite_jax.modeling.encoder_from_params(config, params))
+    model = granite_jax.Runner(granite_jax.modeling.encoder_from_params(config, params))
     assert rel_err(model.encode_features(x), torch_encode(ref, x)) < 1e-4
 
 

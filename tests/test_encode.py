@@ -8,12 +8,12 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, convert_cli, rel_err, requires_torch
 
 import granite_jax
-from granite_jax.api import ctc_greedy_decode
 from granite_jax.audio import load_audio, resample
+from granite_jax.ctc import ctc_greedy_decode
 from granite_jax.data import clip_path
+from granite_jax.testing import TINY, convert_cli, rel_err
 
 # input_dim 160 (the log-mel width); context 8 frames (0.16 s), so a 3 s clip spans ~20 blocks and the
 # chunk_blocks=4 engages chunking; a plus variant so that the projector takes the wider input.
@@ -34,7 +34,7 @@ def _tone(n: int, freq: float = 440.0) -> np.ndarray:
 @pytest.fixture(scope="module", params=["plain", "plus"])
 def pair(request, tmp_path_factory):
     """(HF full model in fp32, granite_jax model converted from its checkpoint by the real CLI)."""
-    from granite_jax.reference import make_hf_full_checkpoint
+    from granite_jax.testing.hf import make_hf_full_checkpoint
 
     cfg = PLUS if request.param == "plus" else CFG
     d = tmp_path_factory.mktemp(f"encode-{request.param}")
@@ -74,7 +74,7 @@ WAVES = {
 }
 
 
-@requires_torch
+@pytest.mark.torch
 def test_per_utterance_equals_hf_one_by_one(pair, extractor):
     """Each row of a mixed-length batch equals the HF pipeline run on that utterance alone."""
     ref, model = pair
@@ -93,7 +93,7 @@ def test_per_utterance_equals_hf_one_by_one(pair, extractor):
         assert utt["hidden_states"].shape[0] == n and utt["audio_embeddings"].shape[0] == e
 
 
-@requires_torch
+@pytest.mark.torch
 def test_hf_batch_mode_equals_hf_on_the_batch(pair, extractor):
     """batch_mode="hf" reproduces HF's extractor + encoder + projector on the zero-padded batch."""
     ref, model = pair
@@ -112,7 +112,7 @@ def test_hf_batch_mode_equals_hf_on_the_batch(pair, extractor):
     assert rel_err(per_utt.hidden_states[1, :n], res.hidden_states[1, :n]) > 1e-3
 
 
-@requires_torch
+@pytest.mark.torch
 def test_encode_equals_encode_features_plus_projector(pair):
     """The one-call path equals its parts: extract_features -> encode_features -> audio_embeddings."""
     _, model = pair
@@ -128,7 +128,7 @@ def test_encode_equals_encode_features_plus_projector(pair):
         assert rel_err(res.audio_embeddings[i, :e], emb[i, :e]) < 1e-5
 
 
-@requires_torch
+@pytest.mark.torch
 def test_audio_embeddings_match_hf_projector_and_ignore_padding(pair):
     import torch
 
@@ -150,7 +150,7 @@ def test_audio_embeddings_match_hf_projector_and_ignore_padding(pair):
     assert rel_err(emb2[1, : counts2[1]], alone) < 1e-4
 
 
-@requires_torch
+@pytest.mark.torch
 def test_ctc_head(pair):
     """ctc_logits is the reference's `out` on the final layer's hidden states (the last hidden_dim channels)."""
     import torch
@@ -178,7 +178,7 @@ def test_ctc_greedy_decode():
         ctc_greedy_decode(np.zeros(3, int))
 
 
-@requires_torch
+@pytest.mark.torch
 def test_resampled_input_and_2d_batch(pair):
     _, model = pair
     w8k = _tone(8000, 300.0)[: 8000 - 13]
@@ -191,7 +191,7 @@ def test_resampled_input_and_2d_batch(pair):
     assert rel_err(c.hidden_states[1], d.hidden_states[0]) < 1e-5
 
 
-@requires_torch
+@pytest.mark.torch
 def test_waveform_lengths_compile_once_per_bucket(pair):
     _, model = pair
     rng = np.random.default_rng(9)
@@ -204,7 +204,7 @@ def test_waveform_lengths_compile_once_per_bucket(pair):
     assert model.num_compilations - before <= len(buckets)
 
 
-@requires_torch
+@pytest.mark.torch
 def test_encode_errors(pair):
     _, model = pair
     with pytest.raises(ValueError, match="at least 257"):
@@ -219,9 +219,9 @@ def test_encode_errors(pair):
         model.audio_embeddings(np.zeros((1, 5, 3), np.float32))
 
 
-@requires_torch
+@pytest.mark.torch
 def test_bare_encoder_has_no_projector(tmp_path):
-    from granite_jax.reference import make_hf_checkpoint
+    from granite_jax.testing.hf import make_hf_checkpoint
 
     make_hf_checkpoint(CFG, tmp_path / "hf")
     convert_cli(tmp_path / "hf", tmp_path / "gj")
@@ -235,18 +235,18 @@ def test_bare_encoder_has_no_projector(tmp_path):
 def test_encode_needs_log_mel_width(tmp_path):
     from flax import nnx
 
-    from granite_jax.api import GraniteEncoder
     from granite_jax.modeling import GraniteSpeechEncoder
+    from granite_jax.runner import Runner
 
-    model = GraniteEncoder(GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0)))
+    model = Runner(GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="input_dim=12"):
         model.encode(_noise(4000, 0))
 
 
-@requires_torch
+@pytest.mark.torch
 def test_bfloat16_encode_is_close_to_float32(tmp_path):
     """`load(dtype="bfloat16")`: log-mel in fp32, encoder and projector in bf16; close to the fp32 result."""
-    from granite_jax.reference import make_hf_full_checkpoint
+    from granite_jax.testing.hf import make_hf_full_checkpoint
 
     make_hf_full_checkpoint(CFG, tmp_path / "hf", seed=2, projector=PROJECTOR)
     convert_cli(tmp_path / "hf", tmp_path / "gj")
@@ -258,3 +258,128 @@ def test_bfloat16_encode_is_close_to_float32(tmp_path):
     np.testing.assert_allclose(np.asarray(half.features, np.float32), np.asarray(full.features), atol=2e-2, rtol=0)
     assert rel_err(half.hidden_states, full.hidden_states) < 0.1
     assert rel_err(half.audio_embeddings, full.audio_embeddings) < 0.1
+
+
+# -- what users pass ------------------------------------------------------------------------------------------
+@pytest.mark.torch
+def test_mono_as_1_by_n_and_torch_tensors(pair):
+    """(1, N) arrays in a list are mono (what HF's processor tests pass); torch tensors, bf16 included, work."""
+    import torch
+
+    _, model = pair
+    waves = [_noise(5000, 4), _tone(7000)]
+    want = model.encode(waves)
+    for variant in (
+        [w[None] for w in waves],
+        [w[:, None] for w in waves],
+        [torch.from_numpy(w) for w in waves],
+        [torch.from_numpy(w)[None] for w in waves],
+    ):
+        got = model.encode(variant)
+        np.testing.assert_array_equal(np.asarray(got.hidden_states), np.asarray(want.hidden_states))
+    half = model.encode([torch.from_numpy(w).to(torch.bfloat16) for w in waves])
+    rounded = model.encode([torch.from_numpy(w).to(torch.bfloat16).float().numpy() for w in waves])
+    np.testing.assert_array_equal(np.asarray(half.hidden_states), np.asarray(rounded.hidden_states))
+    feats = np.array(want.features)
+    np.testing.assert_array_equal(
+        np.asarray(model.encode_features(torch.from_numpy(feats), want.lengths)), np.asarray(want.hidden_states)
+    )
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("shape", [(2, 4000), (4000, 2), (3, 4000)])
+def test_several_channels_are_refused_with_a_mixdown_hint(pair, shape):
+    _, model = pair
+    with pytest.raises(ValueError, match=r"waveform 1 has shape .*channels; expected mono.*mean\(axis="):
+        model.encode([_noise(4000, 0), np.zeros(shape, np.float32)])
+
+
+@pytest.mark.torch
+def test_runner_extract_features_equals_the_function(pair):
+    _, model = pair
+    waves = [_noise(9000, 3), _tone(4000, 1000.0)]
+    for mode in ("per_utterance", "hf"):
+        got, lengths = model.extract_features(waves, batch_mode=mode)
+        want, want_lengths = granite_jax.extract_features(waves, batch_mode=mode)
+        np.testing.assert_array_equal(lengths, want_lengths)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.torch
+def test_ctc_logits_and_extract_features_compile_per_bucket(pair):
+    _, model = pair
+    model.ctc_logits(model.encode_features(model.extract_features(_noise(4000, 0))[0]))
+    before = model.num_traces
+    for n in (4001, 4100, 4200):  # 12-13 frames: one bucket
+        model.extract_features(_noise(n, 1))
+        model.ctc_logits(model.encode_features(granite_jax.extract_features(_noise(n, 1))[0]))
+    assert model.num_traces - before == 0
+    assert model.num_compilations == model.num_traces  # the earlier name
+    before = granite_jax.features._log_mel_jit._cache_size()
+    for n in (4001, 4100, 4200):
+        granite_jax.extract_features(_noise(n, 1))
+    assert granite_jax.features._log_mel_jit._cache_size() - before <= 1
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("batch_mode", ["per_utterance", "hf"])
+def test_checkpoint_feature_settings_are_honoured(tmp_path, batch_mode):
+    """An HF directory whose preprocessor_config.json has other settings: converted, loaded and encoded
+    with them, equal to the HF extractor that transformers builds from that file."""
+    import json
+
+    import torch
+    import transformers
+
+    pytest.importorskip("torchaudio")
+    from granite_jax.testing.hf import make_hf_full_checkpoint
+
+    cfg = dataclasses.replace(CFG, input_dim=128)  # 64 mels
+    settings = dict(n_fft=400, win_length=320, hop_length=200, n_mels=64, sampling_rate=16000)
+    ref = make_hf_full_checkpoint(cfg, tmp_path / "hf", seed=3, projector=PROJECTOR)
+    hf_extractor = transformers.GraniteSpeechFeatureExtractor(
+        **settings, projector_window_size=6, projector_downsample_rate=3
+    )
+    hf_extractor.save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    saved.update(settings)  # transformers saves only melspec_kwargs, and reads back only these
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(saved))
+    hf_extractor = transformers.GraniteSpeechFeatureExtractor.from_pretrained(tmp_path / "hf")
+    assert hf_extractor.melspec_kwargs["hop_length"] == 200
+
+    convert_cli(tmp_path / "hf", tmp_path / "gj")
+    for source in ("gj", "hf"):  # our checkpoint, and the HF directory converted in memory
+        model = granite_jax.load(tmp_path / source)
+        assert model.feature_config == granite_jax.FeatureConfig(**settings)
+        waves = [_noise(9000, 1), _tone(6100)]
+        res = model.encode(waves, batch_mode=batch_mode)
+        rows = [waves] if batch_mode == "hf" else [[w] for w in waves]
+        for i, row in enumerate(rows):
+            feats = hf_extractor(row)["input_features"]
+            with torch.no_grad():
+                hidden = ref.model.encoder(feats).last_hidden_state.numpy()
+            got_f = np.asarray(res.features if batch_mode == "hf" else res.features[i : i + 1, : feats.shape[1]])
+            assert got_f.shape == tuple(feats.shape)
+            assert np.abs(got_f - feats.numpy()).max() < 1e-3
+            got_h = res.hidden_states if batch_mode == "hf" else res.hidden_states[i : i + 1, : hidden.shape[1]]
+            assert rel_err(got_h, hidden) < 1e-3
+
+
+def test_load_checks_its_arguments_before_reading_weights(tmp_path, monkeypatch):
+    from granite_jax import checkpoint, runner
+
+    def no_read(*a, **k):
+        raise AssertionError("weights were read before the arguments were checked")
+
+    monkeypatch.setattr(checkpoint, "load", no_read)
+    monkeypatch.setattr(runner, "convert_hf", no_read)
+    (tmp_path / "granite_jax.json").write_text("{}")
+    for kwargs, match in [
+        (dict(dtype="int8"), "dtype must be a floating-point dtype"),
+        (dict(dtype="nonsense"), "dtype must be a floating-point dtype"),
+        (dict(devices=99), "devices=99"),
+        (dict(buckets="fast"), "buckets must be"),
+        (dict(chunk_blocks=0), "chunk_blocks"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            granite_jax.load(tmp_path, **kwargs)

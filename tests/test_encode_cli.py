@@ -9,14 +9,14 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY, convert_cli, rel_err, requires_torch
 
 import granite_jax
 from granite_jax.audio import load_audio
 from granite_jax.cli import main
 from granite_jax.data import CLIPS, clip_path
+from granite_jax.testing import TINY, convert_cli, rel_err
 
-pytestmark = requires_torch
+pytestmark = pytest.mark.torch
 CFG = TINY.__class__(**{**TINY.__dict__, "input_dim": 160, "num_layers": 2})
 
 
@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     """A converted full checkpoint (with projector) and a directory of audio in several formats and rates."""
     import soundfile
 
-    from granite_jax.reference import make_hf_full_checkpoint
+    from granite_jax.testing.hf import make_hf_full_checkpoint
 
     d = tmp_path_factory.mktemp("encode-cli")
     make_hf_full_checkpoint(CFG, d / "hf", seed=1)
@@ -114,7 +114,7 @@ def test_errors_leave_no_file(setup, tmp_path, capsys):
 
 
 def test_bare_encoder_defaults_to_hidden_and_refuses_embeddings(tmp_path, capsys):
-    from granite_jax.reference import make_hf_checkpoint
+    from granite_jax.testing.hf import make_hf_checkpoint
 
     make_hf_checkpoint(CFG, tmp_path / "hf")
     convert_cli(tmp_path / "hf", tmp_path / "gj")

@@ -6,12 +6,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import TINY, convert_cli, make_hf_checkpoint, rel_err, requires_torch, torch_encode
 
 import granite_jax
 from granite_jax.config import PRODUCTION
+from granite_jax.testing import TINY, convert_cli, rel_err, torch_encode
+from granite_jax.testing.hf import make_hf_checkpoint
 
-pytestmark = requires_torch
+pytestmark = pytest.mark.torch
 TOL = 1e-4  # of max |reference|, fp32
 
 CONFIGS = {

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from granite_jax.config import ConfigError
+from granite_jax.config import ConfigError, FeatureConfig
 from granite_jax.features import (
-    FeatureConfig,
     extract_features,
     log_mel,
     mel_filterbank,
@@ -288,8 +287,12 @@ def test_errors():
         extract_features([np.zeros(1000, bool)])
     with pytest.raises(ValueError, match=r"shape \(1, 2, 1000\); expected 1-D \(one utterance\) or 2-D"):
         extract_features(np.zeros((1, 2, 1000), np.float32))
-    with pytest.raises(ValueError, match=r"waveform 0 has shape \(2, 1000\); expected 1-D"):
+    with pytest.raises(ValueError, match=r"waveform 0 has shape \(2, 1000\): 2 channels; expected mono.*axis=0"):
         extract_features([np.zeros((2, 1000), np.float32)])
+    with pytest.raises(ValueError, match=r"waveform 1 has shape \(1000, 2\): 2 channels.*axis=1"):
+        extract_features([np.zeros(1000, np.float32), np.zeros((1000, 2), np.float32)])
+    with pytest.raises(ValueError, match=r"\(48000, 2\), which looks like \(samples, channels\)"):
+        extract_features(np.zeros((48000, 2), np.float32))
     with pytest.raises(ValueError, match="empty list"):
         extract_features([])
     with pytest.raises(ValueError, match="waveform is empty"):

@@ -6,10 +6,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import TINY, convert_cli, make_hf_checkpoint, rel_err, requires_torch, torch_encode
 
 import granite_jax
-from granite_jax.api import BucketPolicy, _ladder_frames
+from granite_jax.buckets import BucketPolicy
+from granite_jax.buckets import ladder_frames as _ladder_frames
+from granite_jax.testing import TINY, convert_cli, rel_err, torch_encode
+from granite_jax.testing.hf import make_hf_checkpoint
 
 CFG = dataclasses.replace(TINY, num_layers=3, conv_kernel_size=6, cat_hidden_layers=(0, 1))
 
@@ -22,7 +24,7 @@ def pair(tmp_path_factory):
     return ref, granite_jax.load(d / "gj")
 
 
-@requires_torch
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "lengths",
     [[17, 3], [8, 16, 24, 1], [23, 22, 9, 15, 2], [5, 5], [1, 40, 39, 33, 32, 31, 8]],
@@ -88,26 +90,26 @@ def test_ladder_buckets():
 
 
 def test_bucket_policies():
-    assert BucketPolicy.make("block", 200).frames_for(401, 200) == 600
-    assert BucketPolicy.make("auto", 200).frames_for(1001, 200) == 1024
+    assert BucketPolicy.make("block").frames_for(401, 200) == 600
+    assert BucketPolicy.make("auto").frames_for(1001, 200) == 1024
     # past one tile, rows are cut into whole blocks, so the bucket is whole blocks too
-    assert BucketPolicy.make("auto", 200).frames_for(6000, 200, tile_frames=1600) == 6000
-    assert BucketPolicy.make("auto", 200).frames_for(6201, 200, tile_frames=1600) == 6400
-    assert BucketPolicy.make("auto", 200).frames_for(1500, 200, tile_frames=1600) == 1536
-    explicit = BucketPolicy.make([1000, 400], 200)
+    assert BucketPolicy.make("auto").frames_for(6000, 200, tile_frames=1600) == 6000
+    assert BucketPolicy.make("auto").frames_for(6201, 200, tile_frames=1600) == 6400
+    assert BucketPolicy.make("auto").frames_for(1500, 200, tile_frames=1600) == 1536
+    explicit = BucketPolicy.make([1000, 400])
     assert explicit.frames_for(1, 200) == 400
     assert explicit.frames_for(401, 200) == 1000
     assert explicit.frames_for(1001, 200) == 1024  # past the largest: "auto"
     with pytest.raises(ValueError, match="positive frame counts"):
-        BucketPolicy.make([0], 200)
+        BucketPolicy.make([0])
     with pytest.raises(ValueError, match="buckets must be"):
-        BucketPolicy.make("fast", 200)
+        BucketPolicy.make("fast")
 
 
 def test_bucket_choice_does_not_change_results(pair, tmp_path):
     _, model = pair
     x = np.random.default_rng(3).standard_normal((2, 19, CFG.input_dim)).astype(np.float32)
-    other = granite_jax.GraniteEncoder(model.model, buckets=[64])
+    other = granite_jax.Runner(model.model, buckets=[64])
     np.testing.assert_allclose(
         np.asarray(model.encode_features(x, lengths=[19, 4])),
         np.asarray(other.encode_features(x, lengths=[19, 4])),

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
 from flax import nnx
 
-from granite_jax import modeling
+from granite_jax import modeling, tiling
 from granite_jax.config import PRODUCTION
+from granite_jax.testing import TINY
 
 
 def _compiled(cfg, batch: int, frames: int, chunk_blocks: int | None = None) -> jax.stages.Compiled:
@@ -26,7 +26,7 @@ def _compiled(cfg, batch: int, frames: int, chunk_blocks: int | None = None) -> 
     graphdef, state = nnx.split(model)
 
     def forward(state, x, valid):
-        return nnx.merge(graphdef, state)(x, valid, chunk_blocks=chunk_blocks)
+        return tiling.encode(nnx.merge(graphdef, state), x, valid, chunk_blocks)
 
     x = jax.ShapeDtypeStruct((batch, frames, cfg.input_dim), jnp.float32)
     valid = jax.ShapeDtypeStruct((batch, frames), jnp.bool_)

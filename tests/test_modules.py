@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, convert_cli, make_hf_checkpoint, rel_err, requires_torch
 
 import granite_jax
+from granite_jax.testing import TINY, convert_cli, rel_err
+from granite_jax.testing.hf import make_hf_checkpoint
 
-pytestmark = requires_torch
+pytestmark = pytest.mark.torch
 TOL = 1e-5
 
 CFG = dataclasses.replace(TINY, num_layers=2, conv_kernel_size=4, num_heads=3, dim_head=8)

@@ -7,7 +7,6 @@ import pathlib
 import jupytext
 import nbformat
 import pytest
-from conftest import requires_torch
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.py"))
 
@@ -21,7 +20,7 @@ def test_paired_ipynb_matches(path):
     assert py_cells == nb_cells, f"{ipynb.name} is out of sync with {path.name}: run `jupytext --sync {path}`"
 
 
-@requires_torch
+@pytest.mark.torch
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, monkeypatch, tmp_path):
     from nbclient import NotebookClient

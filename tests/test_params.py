@@ -8,10 +8,10 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from conftest import TINY
 from flax import nnx
 
 from granite_jax.modeling import GraniteSpeechEncoder, abstract_params, encoder_from_params, params_of
+from granite_jax.testing import TINY
 
 CFG = dataclasses.replace(TINY, num_layers=3, cat_hidden_layers=(0, 2))
 KERNEL = "ff1.up_proj.kernel"

@@ -14,13 +14,12 @@ import types
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, convert_cli, rel_err, requires_torch
-from granite_jax.convert import PROJECTOR_KEYS, ConversionError, Converted, convert_hf, flax_to_hf, hf_to_flax
-from granite_jax.convert.cli import main as convert_main
 from safetensors.numpy import load_file, save_file
 
 from granite_jax import checkpoint
 from granite_jax.config import PROJECTOR_ACTIVATIONS, ConfigError, EncoderConfig, ProjectorConfig
+from granite_jax.convert import PROJECTOR_KEYS, ConversionError, Converted, convert_hf, flax_to_hf, hf_to_flax
+from granite_jax.convert.cli import main as convert_main
 from granite_jax.modeling import encoder_from_params
 from granite_jax.projector import (
     GraniteSpeechProjector,
@@ -30,7 +29,8 @@ from granite_jax.projector import (
     projector_from_params,
     projector_params_of,
 )
-from granite_jax.reference import (
+from granite_jax.testing import TINY, convert_cli, rel_err
+from granite_jax.testing.hf import (
     hf_audio_features,
     hf_full_model,
     hf_project,
@@ -136,7 +136,7 @@ def test_config_from_full_hf_config_and_back(tmp_path):
     assert ProjectorConfig.from_hf_config({"input_dim": 4}) is None
 
 
-@requires_torch
+@pytest.mark.torch
 def test_config_matches_transformers_defaults():
     """From a PretrainedConfig; a full config with no sub-configs gets transformers' defaults."""
     import transformers as tf
@@ -191,7 +191,7 @@ def test_config_rejects_other_models():
         ProjectorConfig.from_hf_config({"projector_config": [1]})
 
 
-@requires_torch
+@pytest.mark.torch
 def test_window_not_a_multiple_of_downsample_rate_breaks_the_reference():
     """Why 7/2 is refused: HF accepts it, works for one window, then reshapes to the wrong number of rows."""
     import torch
@@ -205,7 +205,7 @@ def test_window_not_a_multiple_of_downsample_rate_breaks_the_reference():
 
 
 # -- parity with the torch projector ------------------------------------------------------------------------
-@requires_torch
+@pytest.mark.torch
 @pytest.mark.parametrize("name, cfg, settings", CASES, ids=[c[0] for c in CASES])
 def test_projector_parity(name, cfg, settings):
     """NNX projector == HF projector at T in {1, window - 1, window, window + 1, 3 x window}, batch 2."""
@@ -223,7 +223,7 @@ def test_projector_parity(name, cfg, settings):
         assert err < TOL, (name, t, err)
 
 
-@requires_torch
+@pytest.mark.torch
 @pytest.mark.slow
 def test_projector_parity_at_production_widths():
     """Released-model widths (Q-Former 1024 wide, 2 layers, 16 heads, 4096 feed-forward, cross-attention in
@@ -241,7 +241,7 @@ def test_projector_parity_at_production_widths():
         assert err < TOL, (t, err)
 
 
-@requires_torch
+@pytest.mark.torch
 @pytest.mark.parametrize("name", sorted(PROJECTOR_ACTIVATIONS))
 def test_activations_match_transformers(name):
     import torch
@@ -258,9 +258,9 @@ def test_unsupported_activation_is_named():
         activation("mish")
 
 
-@requires_torch
+@pytest.mark.torch
 def test_zeros_past_the_end_reproduce_each_utterance_alone():
-    """Rows whose frames past their length are zero (as GraniteEncoder returns them) give, in their first
+    """Rows whose frames past their length are zero (as the Runner returns them) give, in their first
     num_audio_embeddings(length) outputs, what the row alone gives: the last window is zero-padded either way."""
     model = hf_full_model(CFG, seed=2, projector=dict(num_hidden_layers=2))
     pcfg, proj = _projector_of(model)
@@ -277,7 +277,7 @@ def test_zeros_past_the_end_reproduce_each_utterance_alone():
         assert rel_err(batched[i : i + 1, : counts[i]], alone) < TOL
 
 
-@requires_torch
+@pytest.mark.torch
 def test_bfloat16_compute_runs_close_to_fp32():
     model = hf_full_model(CFG, seed=4, projector=dict(num_hidden_layers=2))
     pcfg, proj = _projector_of(model)
@@ -327,7 +327,7 @@ def test_module_errors():
 
 
 # -- audio embedding counts -------------------------------------------------------------------------------
-@requires_torch
+@pytest.mark.torch
 def test_num_audio_embeddings_matches_the_feature_extractor():
     """Re-derived from GraniteSpeechFeatureExtractor._get_num_audio_features, and checked against it (run on a
     stand-in `self`: instantiating the extractor needs torchaudio)."""
@@ -348,7 +348,7 @@ def test_num_audio_embeddings_matches_the_feature_extractor():
 
 
 # -- end to end: HF checkpoint -> converter -> projector ----------------------------------------------------
-@requires_torch
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "cfg, dtype, shard",
     [(CFG, "float32", None), (PLUS, "float32", None), (CFG, "bfloat16", "30KB"), (PLUS, "bfloat16", "30KB")],
@@ -379,7 +379,7 @@ def test_end_to_end_against_get_audio_features(tmp_path, cfg, dtype, shard):
     assert rel_err(proj(encoder(jnp.asarray(x))), want) < TOL  # our encoder, then our projector
 
 
-@requires_torch
+@pytest.mark.torch
 def test_in_memory_layout_model_prefix(tmp_path):
     """transformers' in-memory keys (`model.encoder.*`, `model.projector.*`), here a pickled state dict."""
     import torch
@@ -397,7 +397,7 @@ def test_in_memory_layout_model_prefix(tmp_path):
     assert rel_err(proj(h), hf_project(ref, h)) < TOL
 
 
-@requires_torch
+@pytest.mark.torch
 def test_bfloat16_conversion_casts_the_projector(tmp_path):
     ref = make_hf_full_checkpoint(CFG, tmp_path / "hf", seed=13)
     convert_cli(tmp_path / "hf", tmp_path / "gj", "--dtype", "bfloat16")
@@ -410,7 +410,7 @@ def test_bfloat16_conversion_casts_the_projector(tmp_path):
     assert rel_err(proj(h), hf_project(ref, h)) < 3e-2
 
 
-@requires_torch
+@pytest.mark.torch
 def test_round_trip_back_to_hf(tmp_path):
     """NNX params -> HF keys reproduces the whole encoder + projector state dict exactly."""
     settings = dict(num_hidden_layers=3, cross_attention_frequency=2, use_qformer_text_input=True)
@@ -435,7 +435,7 @@ def full_dir(tmp_path):
     return tmp_path / "hf"
 
 
-@requires_torch
+@pytest.mark.torch
 def test_missing_projector_tensor_is_named(full_dir, tmp_path):
     key = "projector.qformer.encoder.layer.0.crossattention.attention.key.weight"
     _edit_safetensors(full_dir / "model.safetensors", lambda t: t.pop(key))
@@ -447,7 +447,7 @@ def test_missing_projector_tensor_is_named(full_dir, tmp_path):
         convert_hf(os.fspath(full_dir))
 
 
-@requires_torch
+@pytest.mark.torch
 def test_unexpected_projector_tensors_are_named(full_dir, tmp_path):
     def add(t):
         t["projector.qformer.encoder.layer.0.bogus.weight"] = np.zeros((2, 2), np.float32)
@@ -462,7 +462,7 @@ def test_unexpected_projector_tensors_are_named(full_dir, tmp_path):
     assert not (tmp_path / "gj").exists()
 
 
-@requires_torch
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "key, bad, want",
     [
@@ -481,7 +481,7 @@ def test_misshaped_projector_tensor_is_named(full_dir, tmp_path, key, bad, want)
     assert key.removeprefix("projector.") in err and "(" + ", ".join(map(str, bad)) + ")" in err and want in err
 
 
-@requires_torch
+@pytest.mark.torch
 def test_projector_width_must_match_the_encoder(full_dir, tmp_path):
     cfg = json.loads((full_dir / "config.json").read_text())
     cfg["projector_config"]["encoder_hidden_size"] = 64
@@ -491,13 +491,14 @@ def test_projector_width_must_match_the_encoder(full_dir, tmp_path):
 
 
 # -- the checkpoint directory --------------------------------------------------------------------------------
-@requires_torch
+@pytest.mark.torch
 def test_checkpoint_keeps_the_projector(full_dir, tmp_path):
     convert_cli(full_dir, tmp_path / "gj")
     assert sorted(os.listdir(tmp_path / "gj")) == [
         "config.json",
         "granite_jax.json",
         "params.safetensors",
+        "preprocessor_config.json",
         "projector_config.json",
     ]
     conv = convert_hf(os.fspath(full_dir))
@@ -518,7 +519,7 @@ def test_checkpoint_keeps_the_projector(full_dir, tmp_path):
         checkpoint.save(tmp_path / "x", *loaded[:3], projector_config=loaded[3])
 
 
-@requires_torch
+@pytest.mark.torch
 def test_bare_encoder_checkpoint_has_no_projector(tmp_path):
     """A bare encoder (and any format-1 directory written before the projector) loads with projector None."""
     make_hf_checkpoint(CFG, tmp_path / "hf", seed=17)
@@ -532,7 +533,7 @@ def test_bare_encoder_checkpoint_has_no_projector(tmp_path):
     assert sorted(loaded.params) == sorted(conv.params)
 
 
-@requires_torch
+@pytest.mark.torch
 def test_projector_params_without_their_config_are_refused(full_dir, tmp_path):
     convert_cli(full_dir, tmp_path / "gj")
     os.remove(tmp_path / "gj" / "projector_config.json")

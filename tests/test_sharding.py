@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY
+
+from granite_jax.testing import TINY
 
 NUM_DEVICES = 4
 CFG = dataclasses.replace(TINY, input_dim=160, num_layers=2, cat_hidden_layers=(0,))  # 160: log-mel width
@@ -30,10 +31,10 @@ def _checks(tmp: str) -> dict:
 
     import granite_jax
     from granite_jax import checkpoint
-    from granite_jax.api import GraniteEncoder
     from granite_jax.config import ProjectorConfig
     from granite_jax.modeling import GraniteSpeechEncoder, params_of
     from granite_jax.projector import GraniteSpeechProjector, projector_params_of
+    from granite_jax.runner import Runner
 
     out: dict = {"local_devices": len(jax.local_devices())}
     pcfg = ProjectorConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
@@ -99,7 +100,7 @@ def _checks(tmp: str) -> dict:
     out["compilations_for_4_after_3"] = many.num_compilations - before
 
     # an explicit list of devices; a 2-D input (one row, three dummy rows)
-    two = GraniteEncoder(GraniteSpeechEncoder(CFG, rngs=nnx.Rngs(1)), devices=jax.local_devices()[1:3])
+    two = Runner(GraniteSpeechEncoder(CFG, rngs=nnx.Rngs(1)), devices=jax.local_devices()[1:3])
     row = rng.standard_normal((t, CFG.input_dim)).astype(np.float32)
     out["two"] = {
         "devices": [d.id for d in two.devices],
@@ -113,7 +114,7 @@ def _checks(tmp: str) -> dict:
     out["bad_devices"] = {}
     for name, spec in bad.items():
         try:
-            GraniteEncoder(GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0)), devices=spec)
+            Runner(GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0)), devices=spec)
             out["bad_devices"][name] = None
         except ValueError as e:
             out["bad_devices"][name] = str(e)
@@ -198,15 +199,15 @@ def test_bad_devices_in_process():
     import jax
     from flax import nnx
 
-    from granite_jax.api import GraniteEncoder
     from granite_jax.modeling import GraniteSpeechEncoder
+    from granite_jax.runner import Runner
 
     n = len(jax.local_devices())
     model = GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0))
     for spec, match in [(n + 1, "local device"), (0, "local device"), ([], "empty"), ("cpu", "device count")]:
         with pytest.raises(ValueError, match=match):
-            GraniteEncoder(model, devices=spec)
-    enc = GraniteEncoder(model, devices=jax.local_devices()[:1])
+            Runner(model, devices=spec)
+    enc = Runner(model, devices=jax.local_devices()[:1])
     assert enc.padded_batch(3) == 3 and len(enc.devices) == 1
 
 

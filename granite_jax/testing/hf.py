@@ -1,7 +1,8 @@
-"""Reference HF checkpoints made on the spot with transformers (random, fully perturbed weights).
+"""The torch reference: HF Granite Speech 4.x models made on the spot with transformers, every parameter and
+buffer perturbed (random weights, so that no default init hides a bug).
 
-Used by the tests, `granite-jax demo` and the benchmarks. Needs torch and transformers
-(`pip install granite-jax[torch]`); imported lazily so the runtime library never needs torch.
+Used by the tests, `granite-jax demo`, the notebooks and the benchmarks. Needs torch and transformers
+(`pip install 'granite-jax[torch]'`), imported on first use: nothing in the runtime library imports this.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import math
 import os
 from typing import Any
 
-from granite_jax.config import EncoderConfig
+from granite_jax.config import EncoderConfig, ProjectorConfig
 
 
-def _require_torch():
+def require_torch():
     """(torch, transformers), imported on first use so that the library itself never needs them."""
     try:
         return importlib.import_module("torch"), importlib.import_module("transformers")
@@ -26,7 +27,7 @@ def _require_torch():
 
 def hf_encoder_config(cfg: EncoderConfig):
     """The transformers encoder config (plus variant when cat_hidden_layers is set)."""
-    _, tf = _require_torch()
+    _, tf = require_torch()
     d = cfg.to_hf_dict()
     d.pop("model_type")
     cls = tf.GraniteSpeechPlusEncoderConfig if cfg.is_plus else tf.GraniteSpeechEncoderConfig
@@ -35,7 +36,7 @@ def hf_encoder_config(cfg: EncoderConfig):
 
 def hf_encoder(cfg: EncoderConfig, *, seed: int = 0):
     """A transformers `GraniteSpeech(Plus)CTCEncoder` in eval mode with every parameter and buffer perturbed."""
-    torch, tf = _require_torch()
+    torch, tf = require_torch()
     torch.manual_seed(seed)
     cls = tf.GraniteSpeechPlusCTCEncoder if cfg.is_plus else tf.GraniteSpeechCTCEncoder
     model = cls(hf_encoder_config(cfg)).eval()
@@ -50,7 +51,7 @@ def perturb_(module: Any, *, seed: int = 0, scale: float = 0.3) -> None:
     running means N(0, scale); running variances U(0.5, 2); BatchNorm counters a random integer.
     Non-persistent buffers (the reference's precomputed attention_dists) are left alone.
     """
-    torch, _ = _require_torch()
+    torch, _ = require_torch()
     g = torch.Generator().manual_seed(seed)
 
     def randn(shape):
@@ -82,33 +83,26 @@ def perturb_(module: Any, *, seed: int = 0, scale: float = 0.3) -> None:
 # Projector settings `make_hf_checkpoint(..., projector=...)` understands: the Q-Former's (HF names), the
 # full config's window_size / downsample_rate, and llm_hidden_size (text_config.hidden_size; keep it even:
 # the tiny language model has 2 heads).
-_QFORMER_KEYS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "layer_norm_eps",
-    "cross_attention_frequency",
-    "encoder_hidden_size",
-    "use_qformer_text_input",
-)
 _PROJECTOR_TOP_KEYS = ("window_size", "downsample_rate", "llm_hidden_size")
 
 
-def _full_model(cfg: EncoderConfig, *, seed: int, projector: Any = None):
-    """A tiny GraniteSpeech(Plus)ForConditionalGeneration around an encoder of `cfg`.
+def hf_full_model(cfg: EncoderConfig, *, seed: int = 0, projector: Any = None, perturb: bool = True):
+    """A whole GraniteSpeech(Plus)ForConditionalGeneration in eval mode around an encoder of `cfg`.
 
-    `projector`: a dict of projector settings (see _QFORMER_KEYS, _PROJECTOR_TOP_KEYS) or a ProjectorConfig.
+    With `perturb` (default) every encoder and projector parameter and buffer goes through `perturb_` (the
+    projector's learned query, LayerNorm gains and biases included); the tiny language model keeps its init.
+    `projector`: projector settings, a dict (Q-Former fields by HF name, window_size, downsample_rate,
+    llm_hidden_size) or a ProjectorConfig; the default is a 1-layer, 32-wide Q-Former with window 15 /
+    downsample 5.
     """
-    torch, tf = _require_torch()
+    torch, tf = require_torch()
     torch.manual_seed(seed)
     if projector is not None and not isinstance(projector, dict):  # a ProjectorConfig
         import dataclasses
 
         projector = dataclasses.asdict(projector)
     settings = dict(projector or {})
-    unknown = set(settings) - set(_QFORMER_KEYS) - set(_PROJECTOR_TOP_KEYS)
+    unknown = set(settings) - set(ProjectorConfig.qformer_fields()) - set(_PROJECTOR_TOP_KEYS)
     if unknown:
         raise ValueError(f"unknown projector settings {sorted(unknown)}")
     text = dict(
@@ -134,20 +128,10 @@ def _full_model(cfg: EncoderConfig, *, seed: int, projector: Any = None):
     cls_cfg = tf.GraniteSpeechPlusConfig if cfg.is_plus else tf.GraniteSpeechConfig
     cls = tf.GraniteSpeechPlusForConditionalGeneration if cfg.is_plus else tf.GraniteSpeechForConditionalGeneration
     full_cfg = cls_cfg(encoder_config=enc, text_config=text, projector_config=qformer, has_lora_adapter=False, **top)
-    return cls(full_cfg).eval()
-
-
-def hf_full_model(cfg: EncoderConfig, *, seed: int = 0, projector: Any = None):
-    """A whole GraniteSpeech(Plus)ForConditionalGeneration in eval mode, encoder and projector perturbed.
-
-    Every encoder and projector parameter and buffer goes through `perturb_` (the projector's learned
-    query, LayerNorm gains and biases included); the tiny language model keeps its init. `projector`:
-    projector settings, a dict (Q-Former fields by HF name, window_size, downsample_rate, llm_hidden_size)
-    or a ProjectorConfig; the default is a 1-layer, 32-wide Q-Former with window 15 / downsample 5.
-    """
-    model = _full_model(cfg, seed=seed, projector=projector)
-    perturb_(model.model.encoder, seed=seed)
-    perturb_(model.model.projector, seed=seed + 10_000)
+    model = cls(full_cfg).eval()
+    if perturb:
+        perturb_(model.model.encoder, seed=seed)
+        perturb_(model.model.projector, seed=seed + 10_000)
     return model
 
 
@@ -165,7 +149,7 @@ def make_hf_full_checkpoint(
     `dtype`: storage dtype; the returned model holds the stored (rounded) weights in fp32.
     `max_shard_size`: shard the safetensors (e.g. "200KB").
     """
-    torch, _ = _require_torch()
+    torch, _ = require_torch()
     model = hf_full_model(cfg, seed=seed, projector=projector).to(getattr(torch, dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(os.fspath(path), **kwargs)
@@ -189,7 +173,7 @@ def make_hf_checkpoint(
     model; `projector` is passed on to it). `dtype`: storage dtype; the returned reference is the stored
     (rounded) weights in fp32. `max_shard_size`: shard the safetensors (e.g. "200KB").
     """
-    torch, _ = _require_torch()
+    torch, _ = require_torch()
     if full:
         full_model = make_hf_full_checkpoint(
             cfg, path, seed=seed, dtype=dtype, max_shard_size=max_shard_size, projector=projector
@@ -205,7 +189,7 @@ def make_hf_checkpoint(
 
 def hf_audio_features(model: Any, features: Any) -> Any:
     """HF `get_audio_features(features).pooler_output` (encoder, then projector) of a full model, as numpy."""
-    torch, _ = _require_torch()
+    torch, _ = require_torch()
     import numpy as np
 
     with torch.no_grad():
@@ -215,7 +199,7 @@ def hf_audio_features(model: Any, features: Any) -> Any:
 
 def hf_project(model: Any, hidden_states: Any) -> Any:
     """The HF projector of a full model on encoder hidden states (B, T, W), as numpy."""
-    torch, _ = _require_torch()
+    torch, _ = require_torch()
     import numpy as np
 
     with torch.no_grad():

@@ -1,0 +1,121 @@
+"""What users pass, checked once, in one place: waveforms, feature batches, lengths.
+
+Anything `np.asarray` can read is accepted (numpy, jax, lists, torch tensors on any device, bf16/fp16);
+everything else gets a `TypeError` or `ValueError` that names the argument, the row and what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def as_array(x: Any, name: str) -> np.ndarray | jax.Array:
+    """A jax Array as it is; anything else as numpy (torch tensors detached and moved to the host first)."""
+    if isinstance(x, jax.Array | np.ndarray):
+        return x
+    if type(x).__module__.split(".")[0] == "torch":  # a torch.Tensor, without importing torch
+        x = x.detach().cpu()
+        if x.dtype.is_floating_point and x.dtype.itemsize < 4:
+            x = x.float()  # bf16 has no numpy counterpart; the models take float32 input anyway
+        return x.numpy()
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{name} must be an array (numpy, jax, torch or a nested list), got {type(x).__name__}: {e}"
+        ) from None
+
+
+def is_float(dtype: Any) -> bool:
+    """Floating point, bfloat16 included (numpy's issubdtype does not count it)."""
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def check_float_samples(dtype: np.dtype, name: str) -> None:
+    """TypeError unless `dtype` is floating point, with a hint for integer PCM."""
+    if is_float(dtype):
+        return
+    hint = ""
+    if jnp.issubdtype(dtype, jnp.integer):
+        hint = " (integer PCM: read files with granite_jax.load_audio, or divide int16 by 32768)"
+    raise TypeError(f"{name} has dtype {dtype}; expected floating-point samples in [-1, 1]{hint}")
+
+
+def _mono(w: np.ndarray | jax.Array, name: str) -> np.ndarray | jax.Array:
+    """A list entry as 1-D samples: (N,), or (1, N) / (N, 1) as HF's processor takes them."""
+    if w.ndim == 1:
+        return w
+    if w.ndim == 2 and 1 in w.shape:
+        return w.reshape(-1)
+    if w.ndim == 2:
+        channels, axis = (w.shape[0], 0) if w.shape[0] < w.shape[1] else (w.shape[1], 1)
+        raise ValueError(
+            f"{name} has shape {tuple(w.shape)}: {channels} channels; expected mono samples, 1-D or (1, N). "
+            f"Mix down first (e.g. x.mean(axis={axis})), or read files with granite_jax.load_audio, which does"
+        )
+    raise ValueError(f"{name} has shape {tuple(w.shape)}; expected 1-D mono samples or (1, N)")
+
+
+def waveform_rows(waveforms: Any) -> list[tuple[str, np.ndarray | jax.Array]]:
+    """(name, 1-D samples) of each utterance: one 1-D array, a (B, N) batch, or a list/tuple of utterances."""
+    if isinstance(waveforms, (list, tuple)):
+        if len(waveforms) == 0:
+            raise ValueError("got an empty list of waveforms")
+        rows = []
+        for i, w in enumerate(waveforms):
+            name = f"waveform {i}"
+            rows.append((name, _mono(as_array(w, name), name)))
+        return rows
+    w = as_array(waveforms, "waveforms")
+    if w.ndim == 1:
+        return [("waveform", w)]
+    if w.ndim == 2:
+        if w.shape[0] == 0:
+            raise ValueError(f"got a {tuple(w.shape)} batch: no waveforms")
+        if 1 < w.shape[1] <= 8 < w.shape[0]:
+            raise ValueError(
+                f"waveforms have shape {tuple(w.shape)}, which looks like (samples, channels) audio; pass "
+                f"mono samples (e.g. x.mean(axis=1)), or a (batch, samples) array of mono rows"
+            )
+        return [(f"waveform {i}", row) for i, row in enumerate(w)]
+    raise ValueError(f"waveform has shape {tuple(w.shape)}; expected 1-D (one utterance) or 2-D (batch, samples)")
+
+
+def feature_batch(
+    x: Any, width: int, name: str = "features", width_name: str = "input_dim"
+) -> tuple[np.ndarray | jax.Array, bool]:
+    """(B, T, width) floats (a 2-D (T, width) input becomes one row) and whether it was 2-D."""
+    x = as_array(x, name)
+    squeeze = x.ndim == 2
+    if squeeze:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"{name} must be (batch, frames, {width}), got shape {tuple(x.shape)}")
+    b, t, f = x.shape
+    if f != width:
+        raise ValueError(f"{name} have {f} channels per frame; this encoder takes {width_name}={width}")
+    if t == 0 or b == 0:
+        raise ValueError(f"{name} must have at least one frame and one row, got shape {tuple(x.shape)}")
+    if not is_float(x.dtype):
+        raise ValueError(f"{name} must be a floating-point array, got {x.dtype}")
+    return x, squeeze
+
+
+def lengths(lengths: Any, b: int, t: int, name: str = "lengths") -> np.ndarray:
+    """(b,) int32 valid frames per row, each in [1, t]; all t when None."""
+    if lengths is None:
+        return np.full((b,), t, np.int32)
+    lens = as_array(lengths, name)
+    lens = np.asarray(lens)
+    if lens.shape != (b,) or not np.issubdtype(lens.dtype, np.integer):
+        raise ValueError(f"{name} must be {b} integers (one per row), got {lengths!r}")
+    if lens.min() < 1 or lens.max() > t:
+        raise ValueError(f"{name} must lie in [1, {t}] (the number of frames), got {lens.tolist()}")
+    return lens.astype(np.int32)
+
+
+__all__ = ["as_array", "check_float_samples", "feature_batch", "is_float", "lengths", "waveform_rows"]

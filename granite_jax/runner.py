@@ -1,0 +1,430 @@
+"""What `granite_jax.load` returns: the modules behind jit boundaries, with length buckets and devices.
+
+`Runner.encode` composes named steps: validate the waveforms, pad them to a length bucket and split them
+over the devices, run log-mel -> encoder -> projector in one compiled call, and cut the result back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from granite_jax import checkpoint, inputs, tiling
+from granite_jax.buckets import BucketPolicy, pad_rows, samples_for_frames
+from granite_jax.config import EncoderConfig, FeatureConfig, ProjectorConfig
+from granite_jax.convert.convert import convert_hf
+from granite_jax.ctc import ctc_greedy_decode
+from granite_jax.devices import REPLICATED, ROWS, DeviceSpec, RowMesh, resolve_devices
+from granite_jax.features import log_mel, min_samples, num_encoder_frames, prepare_waveforms
+from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params
+from granite_jax.projector import GraniteSpeechProjector, num_audio_embeddings, projector_from_params
+
+BATCH_MODES = ("per_utterance", "hf")
+
+
+class _Bound:
+    """An NNX module split once into its graph and its Variables, for use under `jax.jit`.
+
+    Reading the Variables' values per call is cheap (`nnx.state` would walk the whole graph every call) and
+    still sees every update to them (fine-tuning). Replacing submodules needs a new Runner.
+    """
+
+    def __init__(self, module: nnx.Module):
+        self.module = module
+        self.graphdef, state = nnx.split(module)
+        self.variables = nnx.to_flat_state(state)
+
+    def values(self) -> list[jax.Array]:
+        return [v.get_value() for _, v in self.variables]
+
+    def place(self, sharding: jax.sharding.Sharding) -> None:
+        """Put every Variable's value (the module's own Variables) on `sharding`."""
+        for _, v in self.variables:
+            v.set_value(jax.device_put(v.get_value(), sharding))
+
+    def merge(self, values) -> nnx.Module:
+        pairs = [(p, v.replace(x)) for (p, v), x in zip(self.variables, values, strict=True)]
+        return nnx.merge(self.graphdef, nnx.from_flat_state(pairs))
+
+    def num_values(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in self.values())
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """What `Runner.encode` returns; row i is utterance i, padded to the longest.
+
+    `features` (B, T, 160) log-mel input and `hidden_states` (B, T, output_width) with `lengths` valid
+    frames per row (zeros after); `audio_embeddings` (B, E, llm_hidden_size), the projector output that
+    Granite Speech feeds its language model, with `embedding_counts` valid rows each (HF's
+    audio_embed_sizes); None when the checkpoint has no projector (or `embeddings=False`).
+    """
+
+    features: jax.Array
+    hidden_states: jax.Array
+    lengths: np.ndarray
+    audio_embeddings: jax.Array | None = None
+    embedding_counts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def utterance(self, i: int) -> dict[str, np.ndarray]:
+        """Utterance i's valid rows as numpy arrays (hidden_states, and audio_embeddings if any)."""
+        out = {"hidden_states": np.asarray(self.hidden_states[i, : self.lengths[i]])}
+        if self.audio_embeddings is not None:
+            out["audio_embeddings"] = np.asarray(self.audio_embeddings[i, : self.embedding_counts[i]])
+        return out
+
+
+class WaveformBatch(NamedTuple):
+    """Waveforms padded to a bucket: `samples` (B, S) float32, `sample_lengths` and `frames` (B,) int32."""
+
+    samples: np.ndarray
+    sample_lengths: np.ndarray
+    frames: np.ndarray
+
+
+def _batch_mode(batch_mode: str) -> bool:
+    """True for HF batch mode."""
+    if batch_mode not in BATCH_MODES:
+        raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
+    return batch_mode == "hf"
+
+
+class Runner:
+    """A Granite Speech encoder (and projector, when the checkpoint has one) ready to run under `jax.jit`.
+
+    - `encode(waveforms)`: audio -> log-mel -> encoder -> projector, in one compiled call.
+    - `extract_features(waveforms)`: the checkpoint's log-mel front end alone.
+    - `encode_features(features, lengths)`: log-mel -> encoder hidden states.
+    - `audio_embeddings(hidden_states, lengths)`: the projector (what Granite feeds its LLM).
+    - `ctc_logits(hidden_states)` and `ctc_greedy(...)`: the CTC head.
+    `model` (and `projector`) are the NNX modules, for probing or fine-tuning.
+
+    `devices`: where it runs; None (default) = all of `jax.local_devices()`, an int = the first that many,
+    or a list of local devices. The parameters are replicated on them once, here: the modules' own
+    Variables, so values set later must stay so placed (`NamedSharding(self.mesh, PartitionSpec())`), and
+    of two Runners on one module the later one's devices win. Batches are split by rows over a 1-D mesh
+    with axis "batch", padded to a multiple of the device count with dummy rows that are dropped again. The
+    result is the same as on one device; it stays sharded when the batch is a multiple of the device count.
+    """
+
+    def __init__(
+        self,
+        model: GraniteSpeechEncoder,
+        *,
+        projector: GraniteSpeechProjector | None = None,
+        feature_config: FeatureConfig | None = None,
+        buckets: str | Sequence[int] | BucketPolicy = "auto",
+        chunk_blocks: int | None = 8,
+        provenance: dict | None = None,
+        devices: DeviceSpec = None,
+    ):
+        _check_chunk_blocks(chunk_blocks)
+        self.rows = RowMesh(devices)
+        self.devices, self.mesh = self.rows.devices, self.rows.mesh
+        self.model = model
+        self.config: EncoderConfig = model.config
+        self.projector = projector
+        self.projector_config: ProjectorConfig | None = projector.config if projector is not None else None
+        self.feature_config = feature_config or FeatureConfig()
+        self.buckets = BucketPolicy.make(buckets)
+        self.chunk_blocks = chunk_blocks
+        self.provenance = dict(provenance or {})
+        self._compute_dtype = jnp.dtype(model.input_linear.kernel.get_value().dtype)
+        self._encoder = _Bound(model)
+        self._projector = _Bound(projector) if projector is not None else None
+        for bound in (self._encoder, self._projector):
+            if bound is not None:
+                bound.place(self.rows.replicated)  # once; zero-copy when already on the one device
+        self._traces = 0
+        on_rows = self.rows.rows
+        self._forward = jax.jit(self._forward_impl, out_shardings=on_rows)
+        self._encode = jax.jit(self._encode_impl, static_argnames=("hf_batch", "with_projector"), out_shardings=on_rows)
+        self._features = jax.jit(self._features_impl, static_argnames=("hf_batch",), out_shardings=on_rows)
+        self._project = jax.jit(self._project_impl, out_shardings=on_rows)
+        self._ctc = jax.jit(self._ctc_impl)
+
+    # -- the compiled functions (the body of each runs once per trace: per compiled shape) ---------------
+    def _run_encoder(self, values, features, frame_lengths):
+        valid = jnp.arange(features.shape[1])[None, :] < frame_lengths[:, None]
+        return tiling.encode(self._encoder.merge(values), features, valid, self.chunk_blocks)
+
+    def _log_mel(self, waveforms, sample_lengths, hf_batch: bool):
+        return log_mel(waveforms, sample_lengths, self.feature_config, hf_batch=hf_batch)
+
+    def _forward_impl(self, values, features, frame_lengths):
+        self._traces += 1
+        run = self.rows.per_device(self._run_encoder, (REPLICATED, ROWS, ROWS))
+        return run(values, features, frame_lengths)
+
+    def _features_impl(self, waveforms, sample_lengths, hf_batch):
+        self._traces += 1
+        run = self.rows.per_device(lambda w, n: self._log_mel(w, n, hf_batch), (ROWS, ROWS))
+        return run(waveforms, sample_lengths)
+
+    def _encode_impl(self, enc_values, proj_values, waveforms, sample_lengths, frame_lengths, hf_batch, with_projector):
+        self._traces += 1
+
+        def rows(enc_values, proj_values, waveforms, sample_lengths, frame_lengths):
+            features = self._log_mel(waveforms, sample_lengths, hf_batch).astype(self._compute_dtype)
+            hidden = self._run_encoder(enc_values, features, frame_lengths)
+            embeddings = self._projector.merge(proj_values)(hidden) if with_projector else None
+            return features, hidden, embeddings
+
+        run = self.rows.per_device(rows, (REPLICATED, REPLICATED, ROWS, ROWS, ROWS))
+        return run(enc_values, proj_values, waveforms, sample_lengths, frame_lengths)
+
+    def _project_impl(self, values, hidden_states):
+        self._traces += 1
+        run = self.rows.per_device(lambda values, h: self._projector.merge(values)(h), (REPLICATED, ROWS))
+        return run(values, hidden_states)
+
+    def _ctc_impl(self, values, hidden_states):
+        self._traces += 1
+        final = hidden_states[..., -self.config.hidden_dim :]  # plus: the last layer comes last
+        return self._encoder.merge(values).out(final)
+
+    @property
+    def num_traces(self) -> int:
+        """How many input shapes the compiled functions have been traced (and compiled, or fetched from the
+        persistent compilation cache) for so far."""
+        return self._traces
+
+    num_compilations = num_traces  # the earlier name
+
+    # -- shapes ------------------------------------------------------------------------------------------
+    def bucket_frames(self, num_frames: int) -> int:
+        """The padded length that an input of `num_frames` frames runs at."""
+        c = self.config.context_size
+        return self.buckets.frames_for(num_frames, c, self.chunk_blocks and self.chunk_blocks * c)
+
+    def padded_batch(self, batch: int) -> int:
+        """The batch size that `batch` rows run at: the next multiple of the number of devices."""
+        return self.rows.padded_batch(batch)
+
+    # -- features -> hidden states -----------------------------------------------------------------------
+    def encode_features(
+        self, features: Float[Array, "b t f"] | np.ndarray, lengths: Sequence[int] | np.ndarray | None = None
+    ) -> Float[Array, "b t w"]:
+        """Encode log-mel features (B, T, input_dim) -> hidden states (B, T, output_width).
+
+        Without `lengths`: HF `GraniteSpeechCTCEncoder(features).last_hidden_state` on the same batch.
+        With `lengths` (valid frames per row): row i equals row i encoded alone, unpadded; frames past a
+        row's length are zeros. A 2-D (T, input_dim) input gives a 2-D output.
+        """
+        x, squeeze = inputs.feature_batch(features, self.config.input_dim)
+        b, t, _ = x.shape
+        lens = inputs.lengths(lengths, b, t)
+        x = jnp.pad(jnp.asarray(x, self._compute_dtype), ((0, 0), (0, self.bucket_frames(t) - t), (0, 0)))
+        out = self._forward(self._encoder.values(), self.rows.split_rows(x), self.rows.split_rows(lens, fill=1))
+        out = out[:b, :t]
+        return out[0] if squeeze else out
+
+    # -- hidden states -> LLM embeddings, CTC --------------------------------------------------------------
+    def audio_embeddings(
+        self, hidden_states: Float[Array, "b t w"] | np.ndarray, lengths: Sequence[int] | np.ndarray | None = None
+    ) -> tuple[Float[Array, "b e l"], np.ndarray]:
+        """The projector on encoder hidden states: (embeddings (B, E, llm_hidden_size), valid count per row).
+
+        Equals HF `get_audio_features(...).pooler_output` on the same hidden states. With `lengths`, hidden
+        frames past each row's length are treated as zeros (what `encode_features` returns there), so row i
+        equals row i alone.
+        """
+        if self.projector is None:
+            raise ValueError("this checkpoint has no projector (a bare encoder); audio_embeddings needs one")
+        h, squeeze = inputs.feature_batch(hidden_states, self.config.output_width, "hidden_states", "output_width")
+        b, t, _ = h.shape
+        lens = inputs.lengths(lengths, b, t)
+        w = self.projector_config.window_size
+        tb = -(-self.bucket_frames(t) // w) * w  # bucketed, whole windows
+        h = jnp.asarray(h, self._compute_dtype)
+        h = jnp.where(jnp.arange(t)[None, :, None] < jnp.asarray(lens)[:, None, None], h, 0)
+        h = jnp.pad(h, ((0, 0), (0, tb - t), (0, 0)))
+        emb = self._project(self._projector.values(), self.rows.split_rows(h))
+        emb, counts = (
+            emb[:b, : num_audio_embeddings(t, self.projector_config)],
+            num_audio_embeddings(lens, self.projector_config),
+        )
+        return (emb[0], counts[0]) if squeeze else (emb, counts)
+
+    def ctc_logits(self, hidden_states: Float[Array, "b t w"] | np.ndarray) -> Float[Array, "b t v"]:
+        """The CTC head (`out`) on the final layer's hidden states: (B, T, output_dim) logits."""
+        h, squeeze = inputs.feature_batch(hidden_states, self.config.output_width, "hidden_states", "output_width")
+        t = h.shape[1]
+        h = jnp.pad(jnp.asarray(h, self._compute_dtype), ((0, 0), (0, self.bucket_frames(t) - t), (0, 0)))
+        out = self._ctc(self._encoder.values(), h)[:, :t]
+        return out[0] if squeeze else out
+
+    def ctc_greedy(
+        self,
+        hidden_states: Float[Array, "b t w"] | np.ndarray,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        *,
+        id_to_text: Callable[[int], str] = chr,
+    ) -> list[str]:
+        """Greedy CTC transcripts of encoder hidden states (see `ctc_greedy_decode`)."""
+        ids = jnp.argmax(self.ctc_logits(hidden_states), axis=-1)
+        return ctc_greedy_decode(np.asarray(ids).reshape(-1, ids.shape[-1]), lengths, id_to_text=id_to_text)
+
+    # -- audio -> features, -> everything --------------------------------------------------------------------
+    def _waveform_batch(self, waveforms: Any, sampling_rate: float, hf: bool) -> WaveformBatch:
+        """Validated waveforms, zero-padded to the largest sample count of their frame bucket."""
+        fc = self.feature_config
+        waves = prepare_waveforms(waveforms, sampling_rate, fc)
+        n = np.array([len(w) for w in waves], np.int32)
+        frames = num_encoder_frames(n, fc).astype(np.int32)
+        samples = pad_rows(waves, samples_for_frames(self.bucket_frames(int(frames.max())), fc.hop_length))
+        # HF mode: every row is as long as the longest (zeros inside)
+        return WaveformBatch(samples, np.full_like(n, n.max()) if hf else n, frames)
+
+    def _split(self, batch: WaveformBatch, hf: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The batch over the devices. Dummy rows are silence of one frame; in HF mode as long as the others,
+        so that each device's own maximum (log_mel's hf_batch) is the batch's."""
+        dummy = int(batch.sample_lengths.max()) if hf else min_samples(self.feature_config)
+        t = int(batch.frames.max())
+        frames = np.full_like(batch.frames, t) if hf else batch.frames  # HF's encoder sees every frame
+        return (
+            self.rows.split_rows(batch.samples),
+            self.rows.split_rows(batch.sample_lengths, fill=dummy),
+            self.rows.split_rows(frames, fill=1),
+        )
+
+    def extract_features(
+        self, waveforms: Any, sampling_rate: float = 16000, *, batch_mode: str = "per_utterance"
+    ) -> tuple[jax.Array, np.ndarray]:
+        """The checkpoint's front end: waveforms -> (features (B, T, 2 * n_mels), lengths (B,) int32).
+
+        Like `granite_jax.extract_features`, with this checkpoint's feature settings and buckets.
+        """
+        hf = _batch_mode(batch_mode)
+        batch = self._waveform_batch(waveforms, sampling_rate, hf)
+        samples, sample_lengths, _ = self._split(batch, hf)
+        features = self._features(samples, sample_lengths, hf_batch=hf)
+        return features[: len(batch.frames), : int(batch.frames.max())], batch.frames
+
+    def encode(
+        self,
+        waveforms: Any,
+        sampling_rate: float = 16000,
+        *,
+        batch_mode: str = "per_utterance",
+        embeddings: bool = True,
+    ) -> EncodeResult:
+        """Audio -> log-mel -> encoder -> projector in one compiled call.
+
+        `waveforms`: one 1-D float array, a list of them (any lengths; (1, N) arrays count as mono) or a 2-D
+        (batch, samples) array, at `sampling_rate` (resampled to the checkpoint's rate when different).
+        `batch_mode`: "per_utterance" (each row exactly as if encoded alone) or "hf" (what transformers'
+        feature extractor and encoder give on the zero-padded batch). `embeddings=False` skips the projector.
+        """
+        hf = _batch_mode(batch_mode)
+        if self.config.input_dim != self.feature_config.feature_dim:
+            raise ValueError(
+                f"this encoder takes input_dim={self.config.input_dim} features, not the "
+                f"{self.feature_config.feature_dim} of its log-mel front end: use encode_features"
+            )
+        batch = self._waveform_batch(waveforms, sampling_rate, hf)
+        with_projector = embeddings and self.projector is not None
+        proj_values = self._projector.values() if with_projector else None
+        features, hidden, emb = self._encode(
+            self._encoder.values(), proj_values, *self._split(batch, hf), hf_batch=hf, with_projector=with_projector
+        )
+        b, t = len(batch.frames), int(batch.frames.max())
+        if not with_projector:
+            return EncodeResult(features[:b, :t], hidden[:b, :t], batch.frames)
+        pcfg = self.projector_config
+        return EncodeResult(
+            features[:b, :t],
+            hidden[:b, :t],
+            batch.frames,
+            emb[:b, : num_audio_embeddings(t, pcfg)],
+            num_audio_embeddings(batch.frames, pcfg),
+        )
+
+    def __repr__(self) -> str:
+        c = self.config
+        proj = ""
+        if self._projector is not None:
+            p = self.projector_config
+            m = self._projector.num_values()
+            proj = f", projector {p.num_hidden_layers} x {p.hidden_size} -> {p.llm_hidden_size} ({m / 1e6:.1f}M)"
+        return (
+            f"Runner({c.num_layers} layers x {c.hidden_dim}, {c.num_heads} heads x {c.dim_head}, "
+            f"context {c.context_size}, {self._encoder.num_values() / 1e6:.1f}M values{proj}, "
+            f"{self._compute_dtype}, buckets={self.buckets.mode!r}, {len(self.devices)} device(s))"
+        )
+
+
+GraniteEncoder = Runner  # the earlier name
+
+
+def _check_chunk_blocks(chunk_blocks: Any) -> None:
+    if chunk_blocks is None:
+        return
+    if isinstance(chunk_blocks, bool) or not isinstance(chunk_blocks, int) or chunk_blocks < 1:
+        raise ValueError(f"chunk_blocks must be a positive integer or None, got {chunk_blocks!r}")
+
+
+def _float_dtype(dtype: Any) -> np.dtype:
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        d = None
+    if d is None or not jnp.issubdtype(d, jnp.floating):
+        raise ValueError(f"dtype must be a floating-point dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    return d
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    buckets: str | Sequence[int] | BucketPolicy = "auto",
+    chunk_blocks: int | None = 8,
+    devices: DeviceSpec = None,
+) -> Runner:
+    """Load an encoder (and its projector) from a granite-jax-convert directory, or convert an HF one in memory.
+
+    `path`: a granite_jax checkpoint, an HF checkpoint directory, or a hub id (downloaded if online).
+    `dtype`: parameter and compute dtype ("float32" default); stored parameters are cast to it.
+    `buckets`: padded-length policy, see `BucketPolicy`. `chunk_blocks`: each layer works through the
+    batch in tiles of about this many blocks' frames (8 x 200 = 1600 by default): cache-sized intermediates
+    (faster on CPU) and memory that grows only with the hidden states, however long the audio or large the
+    batch. None never tiles (one pass over the whole batch: more memory, slower on CPU).
+    `devices`: see `Runner`. Every argument is checked before any weight is read.
+    """
+    param_dtype = _float_dtype(dtype)
+    devices = resolve_devices(devices)
+    BucketPolicy.make(buckets)
+    _check_chunk_blocks(chunk_blocks)
+    path = os.fspath(path)
+    loaded = checkpoint.load(path) if checkpoint.is_checkpoint(path) else convert_hf(path)
+    # Converted in memory: hand each array over and drop it, so the weights are held once.
+    consume = isinstance(loaded.params, dict)
+    model = encoder_from_params(
+        loaded.config, loaded.params, param_dtype=param_dtype, dtype=param_dtype, consume=consume
+    )
+    projector = None
+    if loaded.projector_config is not None:
+        projector = projector_from_params(
+            loaded.projector_config, loaded.projector_params, param_dtype=param_dtype, dtype=param_dtype
+        )
+    return Runner(
+        model,
+        projector=projector,
+        feature_config=loaded.feature_config,
+        buckets=buckets,
+        chunk_blocks=chunk_blocks,
+        provenance=loaded.provenance,
+        devices=devices,
+    )
