@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from granite_jax.checkpoint import CheckpointError
-from granite_jax.config import ConfigError
+from granite_jax.cliutil import run_command
 from granite_jax.convert.convert import DTYPES, convert_checkpoint
-from granite_jax.convert.key_map import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,17 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> int:
         prov = convert_checkpoint(
             args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet
         )
-    except (ConversionError, CheckpointError, ConfigError) as e:
-        print(f"granite-jax-convert: error: {e}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        what = "encoder + projector" if "source_projector_prefix" in prov else "encoder"
-        print(f"wrote {args.dst} ({what}, {prov['dtype']}, from {prov['source']})")
-    return 0
+        if not args.quiet:
+            what = "encoder + projector" if "source_projector_prefix" in prov else "encoder"
+            print(f"wrote {args.dst} ({what}, {prov['dtype']}, from {prov['source']})")
+        return 0
+
+    return run_command("granite-jax-convert", run)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 import ml_dtypes
@@ -10,7 +11,7 @@ import numpy as np
 
 from granite_jax import checkpoint
 from granite_jax.checkpoint import Converted
-from granite_jax.config import EncoderConfig, FeatureConfig, ProjectorConfig
+from granite_jax.config import ConfigError, EncoderConfig, FeatureConfig, ProjectorConfig
 from granite_jax.convert.key_map import PROJECTOR_KEYS, ConversionError, hf_to_flax
 from granite_jax.convert.sources import open_hf_checkpoint
 from granite_jax.modeling import abstract_params
@@ -45,9 +46,17 @@ def convert_hf(src: str, *, dtype: str = "float32", progress: bool = False, revi
     """
     target = _np_dtype(dtype)
     with open_hf_checkpoint(src, revision=revision) as ckpt:
-        config = EncoderConfig.from_hf_config(ckpt.config)
-        pcfg = ProjectorConfig.from_hf_config(ckpt.config)
-        features = FeatureConfig() if ckpt.feature_config is None else FeatureConfig.from_hf_config(ckpt.feature_config)
+        try:
+            config = EncoderConfig.from_hf_config(ckpt.config)
+            pcfg = ProjectorConfig.from_hf_config(ckpt.config)
+        except ConfigError as e:
+            raise ConversionError(f"{ckpt.config_path}: {e}") from None
+        try:
+            features = (
+                FeatureConfig() if ckpt.feature_config is None else FeatureConfig.from_hf_config(ckpt.feature_config)
+            )
+        except ConfigError as e:
+            raise ConversionError(f"{ckpt.feature_config_path}: {e}") from None
         if pcfg is not None and pcfg.encoder_hidden_size != config.output_width:
             raise ConversionError(
                 f"{src}: the projector's encoder_hidden_size ({pcfg.encoder_hidden_size}) is not the encoder's "
@@ -91,12 +100,32 @@ def convert_hf(src: str, *, dtype: str = "float32", progress: bool = False, revi
     return Converted(config, params, provenance, pcfg, projector_params, features)
 
 
+def check_source_and_destination(src: str, dst: str) -> None:
+    """Refuse a DST that is SRC, holds SRC or lies inside it (whatever --overwrite says): the conversion would
+    replace or corrupt the Hugging Face checkpoint it reads."""
+    if not os.path.exists(src):
+        return  # a hub id
+    real_src, real_dst = pathlib.Path(os.path.realpath(src)), pathlib.Path(os.path.realpath(dst))
+    if real_dst == real_src:
+        raise ConversionError(f"DST {dst} is the source checkpoint {src}; choose another destination")
+    if real_dst.is_relative_to(real_src):
+        raise ConversionError(f"DST {dst} lies inside the source checkpoint {src}; choose another destination")
+    if real_src.is_relative_to(real_dst):
+        raise ConversionError(f"DST {dst} holds the source checkpoint {src}; choose another destination")
+
+
 def convert_checkpoint(
     src: str, dst: str, *, dtype: str = "float32", overwrite: bool = False, progress: bool = False
 ) -> dict[str, Any]:
-    """Convert SRC (HF) into DST (granite_jax), atomically. Returns the provenance written."""
-    if os.path.exists(dst) and not overwrite:
-        raise checkpoint.CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
+    """Convert SRC (HF) into DST (granite_jax), atomically. Returns the provenance written.
+
+    Everything about DST is checked before SRC is read: it must not be or overlap SRC, and it may only
+    replace an existing granite_jax checkpoint (with `overwrite`).
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    _np_dtype(dtype)
+    check_source_and_destination(src, dst)
+    checkpoint.check_destination(dst, overwrite)
     conv = convert_hf(src, dtype=dtype, progress=progress)
     checkpoint.save(
         dst,

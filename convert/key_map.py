@@ -201,7 +201,7 @@ def hf_to_flax(
         raise ConversionError(f"checkpoint does not match the {what} config:\n  " + "\n  ".join(problems))
 
     out: dict[str, np.ndarray] = {}
-    mismatched = []
+    mismatched, non_finite = [], []
     for target in sorted(plan):
         key, transform = plan[target]
         raw = read(key)
@@ -214,11 +214,17 @@ def hf_to_flax(
                 f"(NNX {target} {_shape_str(shape)})"
             )
             continue
-        out[target] = np.require(value, requirements="C").astype(dtype, copy=False)
+        value = np.require(value, requirements="C").astype(dtype, copy=False)
+        if (value.dtype.kind == "f" or value.dtype.name == "bfloat16") and not np.isfinite(value).all():
+            # NaN / inf in the source, or values beyond the stored dtype's range
+            non_finite.append(f"{key} ({int((~np.isfinite(value)).sum())} of {value.size} values)")
+        out[target] = value
         if on_tensor is not None:
             on_tensor(key)
     if mismatched:
         raise ConversionError(f"{what} shape mismatch:\n  " + "\n  ".join(mismatched))
+    if non_finite:
+        raise ConversionError(f"{what} tensors with NaN or infinite values (as stored): " + ", ".join(non_finite))
     return out
 
 

@@ -8,15 +8,16 @@ shards that hold them are opened; `language_model.*` is never touched.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
+import socket
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from granite_jax.config import has_projector
+from granite_jax.config import ConfigError, has_projector, read_hf_config
 from granite_jax.convert.key_map import ConversionError
 from granite_jax.safetensors_file import SafetensorsFile
 
@@ -45,8 +46,17 @@ class HFCheckpoint:
     weight_map: dict[str, str]  # full key -> file holding it
     projector_prefix: str | None = None
     feature_config: dict[str, Any] | None = None  # preprocessor_config.json, when the checkpoint has one
+    directory: str = ""
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
     _torch_state: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.directory, "config.json")
+
+    @property
+    def feature_config_path(self) -> str:
+        return os.path.join(self.directory, FEATURE_CONFIG_FILE)
 
     def _keys_under(self, prefix: str | None) -> list[str]:
         if prefix is None:
@@ -88,12 +98,21 @@ class HFCheckpoint:
         path = self.weight_map[full]
         if path.endswith(".safetensors"):
             if path not in self._handles:
-                self._handles[path] = SafetensorsFile(path)
-            return self._handles[path].get_tensor(full)
+                try:
+                    self._handles[path] = SafetensorsFile(path)
+                except ValueError as e:
+                    raise ConversionError(str(e)) from None
+            handle = self._handles[path]
+            if full not in handle:
+                raise ConversionError(f"the index names {os.path.basename(path)} for {full}, which it does not hold")
+            return handle.get_tensor(full)
         if path not in self._torch_state:
             self._torch_state.clear()  # keep one .bin shard alive at a time
             self._torch_state[path] = _torch_load(path)
-        return _torch_to_numpy(self._torch_state[path][full])
+        state = self._torch_state[path]
+        if full not in state:
+            raise ConversionError(f"the index names {os.path.basename(path)} for {full}, which it does not hold")
+        return _torch_to_numpy(state[full])
 
     def close(self) -> None:
         self._handles.clear()
@@ -107,6 +126,7 @@ class HFCheckpoint:
 
 
 def _torch_load(path: str) -> dict[str, Any]:
+    """A pytorch_model.bin's state dict, never executing pickled code (weights_only)."""
     try:
         import torch
     except ImportError:
@@ -114,7 +134,16 @@ def _torch_load(path: str) -> dict[str, Any]:
             f"{path} is a pickled torch checkpoint; reading it needs torch (pip install torch), "
             "or convert the checkpoint to safetensors first"
         ) from None
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if os.path.getsize(path) == 0:
+        raise ConversionError(f"{path} is empty (0 bytes)")
+    try:
+        zipped = zipfile.is_zipfile(path)  # torch.save's format since 1.6; the legacy one cannot be mapped
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as e:  # torch raises RuntimeError, pickle.UnpicklingError, EOFError, ...
+        raise ConversionError(f"cannot read {path} as a torch checkpoint: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ConversionError(f"{path} does not hold a state dict (a mapping of tensor names to tensors)")
+    return state
 
 
 def _torch_to_numpy(t) -> np.ndarray:
@@ -140,11 +169,7 @@ def _weight_map(directory: str) -> dict[str, str]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = os.path.join(directory, index_name)
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                index = json.load(f)
-            if "weight_map" not in index:
-                raise ConversionError(f"{index_path} has no weight_map")
-            return {k: os.path.join(directory, v) for k, v in index["weight_map"].items()}
+            return {k: os.path.join(directory, v) for k, v in _read_index(index_path).items()}
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(single):
         return {k: single for k in _safetensors_keys(single)}
@@ -152,6 +177,26 @@ def _weight_map(directory: str) -> dict[str, str]:
     if os.path.exists(single_bin):
         return {k: single_bin for k in _torch_load(single_bin)}
     raise ConversionError(f"{directory} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        return read_hf_config(path, os.path.basename(path))
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
+
+
+def _read_index(path: str) -> dict[str, str]:
+    """The weight_map of a sharded checkpoint's index: {tensor name: shard file name}."""
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ConversionError(f"{path} has no weight_map of tensor names to shard files")
+    bad = sorted({v for v in weight_map.values() if os.path.basename(v) != v or v in ("", ".", "..")})
+    if bad:
+        raise ConversionError(f"{path} names shards outside its folder: {', '.join(bad)}")
+    return weight_map
 
 
 def _find_prefix(weight_map: dict[str, str], source: str) -> str:
@@ -179,15 +224,13 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise ConversionError(f"{directory} has no config.json")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = _read_json(config_path)
     weight_map = _weight_map(directory)
     prefix = _find_prefix(weight_map, src)
     features = None
     features_path = os.path.join(directory, FEATURE_CONFIG_FILE)
     if os.path.exists(features_path):
-        with open(features_path) as f:
-            features = json.load(f)
+        features = _read_json(features_path)
     ckpt = HFCheckpoint(
         source=src,
         config=config,
@@ -195,6 +238,7 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
         weight_map=weight_map,
         projector_prefix=projector_prefix_for(prefix) if has_projector(config) else None,
         feature_config=features,
+        directory=directory,
     )
     # Only the shards holding encoder (and projector) tensors must be present (a hub download fetches just those).
     missing = [os.path.basename(f) for f in ckpt.needed_files if not os.path.exists(f)]
@@ -205,19 +249,39 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
     return ckpt
 
 
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None when the hub's host answers a TCP connection within `timeout` seconds; else why not.
+
+    huggingface_hub retries an unreachable host for about half a minute before giving up; this asks once.
+    """
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return None
+    except OSError as e:
+        return f"cannot reach {url.hostname}: {e.strerror or e}"
+
+
 def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
-    """Fetch config.json and only the weight files holding encoder (and projector) tensors; return the
-    snapshot dir."""
+    """Fetch config.json, preprocessor_config.json (when the repo has one) and only the weight files holding
+    encoder (and projector) tensors; return the snapshot dir. Served from the local cache when it holds them
+    all; otherwise the hub is asked once whether it can be reached, so that offline fails at once."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a runtime dependency
         raise ConversionError("fetching from the hub needs huggingface_hub (pip install huggingface_hub)") from None
 
-    def get(name: str) -> str:
-        return hf_hub_download(repo_id, name, revision=revision)
+    def fetch(local_only: bool) -> str:
+        def get(name: str) -> str:
+            return hf_hub_download(repo_id, name, revision=revision, local_files_only=local_only)
 
-    try:
         config_path = get("config.json")
         with contextlib.suppress(EntryNotFoundError):  # optional: the defaults without it
             get(FEATURE_CONFIG_FILE)
@@ -226,13 +290,21 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
         except EntryNotFoundError:
             get("model.safetensors")
         else:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_index(index_path)
             prefix = _find_prefix(weight_map, repo_id)
-            with open(config_path) as f:
-                wanted = (prefix, projector_prefix_for(prefix)) if has_projector(json.load(f)) else (prefix,)
+            config = _read_json(config_path)
+            wanted = (prefix, projector_prefix_for(prefix)) if has_projector(config) else (prefix,)
             for shard in sorted({v for k, v in weight_map.items() if k.startswith(wanted)}):
                 get(shard)
+        return os.path.dirname(config_path)
+
+    try:
+        if _cache_has_all(repo_id, revision):
+            return fetch(local_only=True)
+        why = _hub_reachable()
+        if why is not None:
+            raise ConnectionError(why)
+        return fetch(local_only=False)
     except ConversionError:
         raise
     except Exception as e:  # offline, unknown repo, gated, ...
@@ -241,4 +313,25 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
             f"({type(e).__name__}: {e}). Without network access, download the checkpoint elsewhere and "
             "pass its local directory."
         ) from None
-    return os.path.dirname(config_path)
+
+
+def _cache_has_all(repo_id: str, revision: str | None) -> bool:
+    """Whether the local hub cache holds (or knows the absence of) every file a conversion reads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def known(name: str) -> str | bool | None:  # a path, False (known absent), None (unknown)
+        hit = try_to_load_from_cache(repo_id, name, revision=revision)
+        return hit if isinstance(hit, str) else (False if hit is not None else None)
+
+    config, features, index = (known(n) for n in ("config.json", FEATURE_CONFIG_FILE, "model.safetensors.index.json"))
+    if not config or features is None or index is None:
+        return False
+    if index is False:
+        return isinstance(known("model.safetensors"), str)
+    try:
+        weight_map = _read_index(index)
+        prefix = _find_prefix(weight_map, repo_id)
+        wanted = (prefix, projector_prefix_for(prefix)) if has_projector(_read_json(config)) else (prefix,)
+    except ConversionError:
+        return False
+    return all(isinstance(known(v), str) for v in {v for k, v in weight_map.items() if k.startswith(wanted)})

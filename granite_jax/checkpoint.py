@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from granite_jax.config import EncoderConfig, FeatureConfig, ProjectorConfig
+from granite_jax import atomic
+from granite_jax.config import ConfigError, EncoderConfig, FeatureConfig, ProjectorConfig, read_hf_config
 from granite_jax.safetensors_file import SafetensorsFile
 
 FORMAT_VERSION = 1
@@ -73,7 +72,8 @@ def save(
     projector_params: Mapping[str, np.ndarray] | None = None,
     feature_config: FeatureConfig = FeatureConfig(),
 ) -> None:
-    """Write a checkpoint directory atomically (temp dir + rename); refuse to replace one unless `overwrite`.
+    """Write a checkpoint directory atomically (temp dir + rename); refuse to replace one unless `overwrite`
+    (and then only a granite_jax checkpoint: see `check_destination`). Permissions follow the umask.
 
     `projector_config` and `projector_params` (NNX paths without `projector.`) come together or not at all.
     """
@@ -84,37 +84,46 @@ def save(
     clash = [k for k in params if k.startswith(PROJECTOR_PREFIX)]
     if clash:
         raise CheckpointError(f"encoder parameter names must not start with {PROJECTOR_PREFIX!r}: {clash}")
-    dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst) and not overwrite:
-        raise CheckpointError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(config.to_hf_dict(), f, indent=2, sort_keys=True)
+    dst = check_destination(dst, overwrite)
+    with atomic.atomic_dir(dst, replace=True) as tmp:
+        _write_json(os.path.join(tmp, CONFIG_FILE), config.to_hf_dict())
         arrays = {k: np.require(v, requirements="C") for k, v in params.items()}  # keeps 0-d arrays 0-d
         if projector_config is not None:
-            with open(os.path.join(tmp, PROJECTOR_CONFIG_FILE), "w") as f:
-                json.dump(projector_config.to_hf_dict(), f, indent=2, sort_keys=True)
+            _write_json(os.path.join(tmp, PROJECTOR_CONFIG_FILE), projector_config.to_hf_dict())
             arrays.update({PROJECTOR_PREFIX + k: np.require(v, requirements="C") for k, v in projector_params.items()})
-        with open(os.path.join(tmp, FEATURE_CONFIG_FILE), "w") as f:
-            json.dump(feature_config.to_hf_dict(projector_config), f, indent=2, sort_keys=True)
+        _write_json(os.path.join(tmp, FEATURE_CONFIG_FILE), feature_config.to_hf_dict(projector_config))
         save_file(arrays, os.path.join(tmp, PARAMS_FILE), metadata={"format": "granite_jax"})
         meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         meta.update(provenance)
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        if os.path.exists(dst):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-            os.rename(dst, os.path.join(old, "x"))
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_json(os.path.join(tmp, META_FILE), meta)
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+
+
+def check_destination(dst: str | os.PathLike, overwrite: bool) -> str:
+    """The absolute DST once it is safe to write: absent, or (with `overwrite`) an existing granite_jax
+    checkpoint or an empty folder, under a folder that can be written. Anything else raises CheckpointError:
+    `--overwrite` never replaces a folder that this library did not write."""
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.lexists(dst):
+        if not overwrite:
+            raise CheckpointError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+        if not os.path.isdir(dst) or os.path.islink(dst):
+            raise CheckpointError(f"{dst} exists and is not a folder; not replacing it")
+        if not is_checkpoint(dst) and os.listdir(dst):
+            raise CheckpointError(
+                f"{dst} exists and is not a granite_jax checkpoint (no {META_FILE}); --overwrite only replaces "
+                "one, so choose another destination or remove it yourself"
+            )
+    ancestor = os.path.dirname(dst)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {dst}: {ancestor} is not a writable folder")
+    return dst
 
 
 class LazyParams(Mapping):
@@ -142,24 +151,35 @@ class LazyParams(Mapping):
         return len(self._keys)
 
 
+def _read_config(cls, path: str, name: str):
+    """`cls.from_hf_config` of the checkpoint's file `name`, its errors naming the file."""
+    file = os.path.join(path, name)
+    try:
+        return cls.from_hf_config(file)
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}" if file not in str(e) else str(e)) from None
+
+
 def load(path: str | os.PathLike) -> Converted:
     """A checkpoint directory as `Converted(config, params, provenance, projector_config, projector_params)`,
     the parameters lazy ({path: array}, read on access); the projector fields are None without one."""
     path = os.fspath(path)
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a granite_jax checkpoint (no {META_FILE})")
-    with open(os.path.join(path, META_FILE)) as f:
-        meta = json.load(f)
+    try:
+        meta = read_hf_config(os.path.join(path, META_FILE), META_FILE)
+    except ConfigError as e:
+        raise CheckpointError(f"{path} is not a readable granite_jax checkpoint: {e}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format_version {meta.get('format_version')!r}; this granite_jax reads {FORMAT_VERSION}"
         )
-    config = EncoderConfig.from_hf_config(os.path.join(path, CONFIG_FILE))
+    config = _read_config(EncoderConfig, path, CONFIG_FILE)
     file = SafetensorsFile(os.path.join(path, PARAMS_FILE))
     params = LazyParams(file, exclude=PROJECTOR_PREFIX)
     projector_config = projector_params = None
     if os.path.exists(os.path.join(path, PROJECTOR_CONFIG_FILE)):
-        projector_config = ProjectorConfig.from_hf_config(os.path.join(path, PROJECTOR_CONFIG_FILE))
+        projector_config = _read_config(ProjectorConfig, path, PROJECTOR_CONFIG_FILE)
         if projector_config is None:
             raise CheckpointError(f"{path}/{PROJECTOR_CONFIG_FILE} holds no projector config")
         projector_params = LazyParams(file, prefix=PROJECTOR_PREFIX)
@@ -167,5 +187,5 @@ def load(path: str | os.PathLike) -> Converted:
         raise CheckpointError(f"{path} has projector parameters but no {PROJECTOR_CONFIG_FILE}")
     feature_config = FeatureConfig()
     if os.path.exists(os.path.join(path, FEATURE_CONFIG_FILE)):
-        feature_config = FeatureConfig.from_hf_config(os.path.join(path, FEATURE_CONFIG_FILE))
+        feature_config = _read_config(FeatureConfig, path, FEATURE_CONFIG_FILE)
     return Converted(config, params, meta, projector_config, projector_params, feature_config)

@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from granite_jax.cliutil import run_command
+
 
 def _timed(fn, runs: int) -> list[float]:
     out = []
@@ -159,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return convert_main(args.args)
     if args.command == "encode":
         return encode_cli.execute(args)
-    if args.layers < 1 or (args.seconds is not None and args.seconds <= 0) or args.runs < 1 or args.batch < 1:
+    if args.layers < 1 or (args.seconds is not None and not args.seconds > 0) or args.runs < 1 or args.batch < 1:
         p.error("--layers, --seconds, --runs and --batch must be positive")
-    return demo(args.layers, args.clip, args.seconds, args.runs, args.batch)
+    return run_command("granite-jax demo", lambda: demo(args.layers, args.clip, args.seconds, args.runs, args.batch))
 
 
 if __name__ == "__main__":

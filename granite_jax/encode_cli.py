@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 
 import numpy as np
+
+from granite_jax import atomic
+from granite_jax.cliutil import run_command
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")
 LEVELS = ("hidden", "embeddings", "text")
@@ -68,14 +70,13 @@ def _batches(items: list[tuple[str, str, float]], batch_size: int, max_seconds: 
     return out
 
 
-def _write(path: str, arrays: dict[str, np.ndarray], texts: dict[str, str], meta: dict[str, str]) -> None:
-    """Write atomically (temp file + rename): a failure leaves no partial file."""
+def _write(
+    path: str, arrays: dict[str, np.ndarray], texts: dict[str, str], meta: dict[str, str], overwrite: bool
+) -> None:
+    """Write atomically (temp file + rename): a failure or SIGTERM leaves no partial file."""
     import json
 
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    os.close(fd)
-    try:
+    with atomic.atomic_file(path, overwrite=overwrite) as tmp:
         if path.endswith(".npz"):
             extra = {f"{k}/text": np.array(v) for k, v in texts.items()}
             with open(tmp, "wb") as f:
@@ -86,11 +87,17 @@ def _write(path: str, arrays: dict[str, np.ndarray], texts: dict[str, str], meta
             md = dict(meta)
             md.update({f"{k}/text": v for k, v in texts.items()})
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=md)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+
+def check_output(path: str, overwrite: bool, suffixes: tuple[str, ...]) -> None:
+    """Everything about an output file that can be checked before the work starts."""
+    if not path.endswith(suffixes):
+        raise ValueError(f"--out must end in {' or '.join(suffixes)}, got {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--out {path} is a directory; give a file name")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    atomic.check_writable_parent(path, "--out file")
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -118,13 +125,11 @@ def run(args: argparse.Namespace) -> int:
 
     import granite_jax
     from granite_jax.audio import load_audio
+    from granite_jax.features import prepare_waveforms
 
     out = args.out
-    if not out.endswith((".safetensors", ".npz")):
-        raise ValueError(f"--out must end in .safetensors or .npz, got {out}")
-    if os.path.exists(out) and not args.overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite to replace it")
-    if args.batch_size < 1 or args.max_batch_seconds <= 0:
+    check_output(out, args.overwrite, (".safetensors", ".npz"))
+    if args.batch_size < 1 or not args.max_batch_seconds > 0:
         raise ValueError("--batch-size and --max-batch-seconds must be positive")
     files = find_audio(args.inputs)
     model = granite_jax.load(args.checkpoint, dtype=args.dtype)
@@ -139,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(items), unit="file", desc="encoding", disable=args.quiet)
     for batch in _batches(items, args.batch_size, args.max_batch_seconds):
         sr = model.feature_config.sampling_rate
-        waves = [load_audio(path, sr) for _, path, _ in batch]
+        names = [name for name, _, _ in batch]
+        waves = prepare_waveforms([load_audio(path, sr) for _, path, _ in batch], sr, model.feature_config, names)
         result = model.encode(waves, sr, embeddings="embeddings" in levels)
         texts_b = model.ctc_greedy(result.hidden_states, result.lengths) if "text" in levels else None
         for i, (name, _, _) in enumerate(batch):
@@ -156,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     wall = time.perf_counter() - t0
     meta = {"checkpoint": os.path.abspath(args.checkpoint), "levels": ",".join(levels), "dtype": args.dtype}
-    _write(out, arrays, texts, meta)
+    _write(out, arrays, texts, meta, args.overwrite)
     if not args.quiet:
         if "text" in levels:
             for name in sorted(texts):
@@ -171,12 +177,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def execute(args: argparse.Namespace) -> int:
-    """`run`, with bad input reported as one line on stderr and exit status 1."""
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"granite-jax encode: error: {e}", file=sys.stderr)
-        return 1
+    """`run`, with bad input reported as one line on stderr (exit status 1) and SIGTERM cleaned up after."""
+    return run_command("granite-jax encode", lambda: run(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ filterbank without normalisation from 0 Hz to `sampling_rate // 2`. Then `log10(
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import jax
@@ -65,6 +67,16 @@ def num_encoder_frames(num_samples, cfg: FeatureConfig = FeatureConfig()):
 def min_samples(cfg: FeatureConfig = FeatureConfig()) -> int:
     """The shortest waveform accepted: torch's reflect padding needs n > n_fft // 2, and one encoder frame n >= hop."""
     return max(cfg.n_fft // 2 + 1, cfg.hop_length)
+
+
+def max_amplitude(cfg: FeatureConfig = FeatureConfig()) -> float:
+    """The largest |sample| whose log-mel power stays finite in float32, with a factor 4 of margin.
+
+    A frame's power per mel bin is at most (filterbank column sum) x (window sum x peak)^2.
+    """
+    window_sum = float(_hann(cfg.win_length).astype(np.float64).sum())
+    filter_sum = float(_mel_filterbank(cfg).astype(np.float64).sum(axis=0).max())
+    return math.sqrt(float(np.finfo(np.float32).max) / (filter_sum * window_sum**2)) / 4
 
 
 def check_num_samples(num_samples: int, cfg: FeatureConfig = FeatureConfig(), what: str = "waveform") -> None:
@@ -146,7 +158,10 @@ _log_mel_jit = jax.jit(log_mel, static_argnames=("cfg", "hf_batch"))
 
 
 def prepare_waveforms(
-    waveforms: Any, sampling_rate: float = 16000, cfg: FeatureConfig = FeatureConfig()
+    waveforms: Any,
+    sampling_rate: float = 16000,
+    cfg: FeatureConfig = FeatureConfig(),
+    names: Sequence[str] | None = None,
 ) -> list[np.ndarray]:
     """Validate and resample -> a list of 1-D float32 numpy arrays at `cfg.sampling_rate`.
 
@@ -156,7 +171,7 @@ def prepare_waveforms(
     if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.number)) or sampling_rate <= 0:
         raise ValueError(f"sampling_rate must be a positive number, got {sampling_rate!r}")
     out = []
-    for name, w in waveform_rows(waveforms):
+    for name, w in waveform_rows(waveforms, names):
         check_float_samples(w.dtype, name)
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, reported below
             w = np.asarray(w, np.float32)
@@ -164,6 +179,12 @@ def prepare_waveforms(
             raise ValueError(f"{name} is empty")
         if not np.all(np.isfinite(w)):
             raise ValueError(f"{name} contains NaN or infinite samples (as float32)")
+        peak = float(np.max(np.abs(w)))
+        if peak > max_amplitude(cfg):
+            raise ValueError(
+                f"{name} has peak amplitude {peak:.3g}; float samples are expected in [-1, 1], and above "
+                f"{max_amplitude(cfg):.3g} the log-mel power overflows float32"
+            )
         if sampling_rate != cfg.sampling_rate:
             from granite_jax.audio import resample
 

@@ -6,6 +6,7 @@ everything else gets a `TypeError` or `ValueError` that names the argument, the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -60,14 +61,19 @@ def _mono(w: np.ndarray | jax.Array, name: str) -> np.ndarray | jax.Array:
     raise ValueError(f"{name} has shape {tuple(w.shape)}; expected 1-D mono samples or (1, N)")
 
 
-def waveform_rows(waveforms: Any) -> list[tuple[str, np.ndarray | jax.Array]]:
-    """(name, 1-D samples) of each utterance: one 1-D array, a (B, N) batch, or a list/tuple of utterances."""
+def waveform_rows(waveforms: Any, names: Sequence[str] | None = None) -> list[tuple[str, np.ndarray | jax.Array]]:
+    """(name, 1-D samples) of each utterance: one 1-D array, a (B, N) batch, or a list/tuple of utterances.
+
+    `names`: what error messages call the utterances of a list (file names, say); "waveform i" by default.
+    """
     if isinstance(waveforms, (list, tuple)):
         if len(waveforms) == 0:
             raise ValueError("got an empty list of waveforms")
+        if names is not None and len(names) != len(waveforms):
+            raise ValueError(f"got {len(names)} names for {len(waveforms)} waveforms")
         rows = []
         for i, w in enumerate(waveforms):
-            name = f"waveform {i}"
+            name = f"waveform {i}" if names is None else str(names[i])
             rows.append((name, _mono(as_array(w, name), name)))
         return rows
     w = as_array(waveforms, "waveforms")
@@ -76,6 +82,8 @@ def waveform_rows(waveforms: Any) -> list[tuple[str, np.ndarray | jax.Array]]:
     if w.ndim == 2:
         if w.shape[0] == 0:
             raise ValueError(f"got a {tuple(w.shape)} batch: no waveforms")
+        if w.shape[1] == 1 and w.shape[0] > 1:  # (samples, 1): one mono column
+            return [("waveform", w.reshape(-1))]
         if 1 < w.shape[1] <= 8 < w.shape[0]:
             raise ValueError(
                 f"waveforms have shape {tuple(w.shape)}, which looks like (samples, channels) audio; pass "

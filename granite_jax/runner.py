@@ -24,7 +24,7 @@ from granite_jax.convert.convert import convert_hf
 from granite_jax.ctc import ctc_greedy_decode
 from granite_jax.devices import REPLICATED, ROWS, DeviceSpec, RowMesh, resolve_devices
 from granite_jax.features import log_mel, min_samples, num_encoder_frames, prepare_waveforms
-from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params
+from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params, masked
 from granite_jax.projector import GraniteSpeechProjector, num_audio_embeddings, projector_from_params
 
 BATCH_MODES = ("per_utterance", "hf")
@@ -164,8 +164,13 @@ class Runner:
 
     def _forward_impl(self, values, features, frame_lengths):
         self._traces += 1
-        run = self.rows.per_device(self._run_encoder, (REPLICATED, ROWS, ROWS))
-        return run(values, features, frame_lengths)
+
+        def rows(values, features, frame_lengths):
+            valid = _valid(frame_lengths, features.shape[1])
+            hidden = self._run_encoder(values, features, frame_lengths)
+            return hidden, _finite_rows(features, valid), _finite_rows(hidden, valid)
+
+        return self.rows.per_device(rows, (REPLICATED, ROWS, ROWS))(values, features, frame_lengths)
 
     def _features_impl(self, waveforms, sample_lengths, hf_batch):
         self._traces += 1
@@ -178,21 +183,35 @@ class Runner:
         def rows(enc_values, proj_values, waveforms, sample_lengths, frame_lengths):
             features = self._log_mel(waveforms, sample_lengths, hf_batch).astype(self._compute_dtype)
             hidden = self._run_encoder(enc_values, features, frame_lengths)
-            embeddings = self._projector.merge(proj_values)(hidden) if with_projector else None
-            return features, hidden, embeddings
+            ok = _finite_rows(hidden, _valid(frame_lengths, hidden.shape[1]))
+            embeddings = None
+            if with_projector:
+                embeddings = self._projector.merge(proj_values)(hidden)
+                counts = _embedding_counts(frame_lengths, self.projector_config)
+                ok &= _finite_rows(embeddings, _valid(counts, embeddings.shape[1]))
+            return features, hidden, embeddings, ok
 
         run = self.rows.per_device(rows, (REPLICATED, REPLICATED, ROWS, ROWS, ROWS))
         return run(enc_values, proj_values, waveforms, sample_lengths, frame_lengths)
 
-    def _project_impl(self, values, hidden_states):
+    def _project_impl(self, values, hidden_states, frame_lengths):
         self._traces += 1
-        run = self.rows.per_device(lambda values, h: self._projector.merge(values)(h), (REPLICATED, ROWS))
-        return run(values, hidden_states)
 
-    def _ctc_impl(self, values, hidden_states):
+        def rows(values, h, frame_lengths):
+            valid = _valid(frame_lengths, h.shape[1])
+            finite_in = _finite_rows(h, valid)
+            emb = self._projector.merge(values)(masked(h, valid))
+            counts = _embedding_counts(frame_lengths, self.projector_config)
+            return emb, finite_in, _finite_rows(emb, _valid(counts, emb.shape[1]))
+
+        return self.rows.per_device(rows, (REPLICATED, ROWS, ROWS))(values, hidden_states, frame_lengths)
+
+    def _ctc_impl(self, values, hidden_states, frame_lengths):
         self._traces += 1
         final = hidden_states[..., -self.config.hidden_dim :]  # plus: the last layer comes last
-        return self._encoder.merge(values).out(final)
+        valid = _valid(frame_lengths, hidden_states.shape[1])
+        logits = self._encoder.merge(values).out(final)
+        return logits, _finite_rows(hidden_states, valid), _finite_rows(logits, valid)
 
     @property
     def num_traces(self) -> int:
@@ -226,7 +245,10 @@ class Runner:
         b, t, _ = x.shape
         lens = inputs.lengths(lengths, b, t)
         x = jnp.pad(jnp.asarray(x, self._compute_dtype), ((0, 0), (0, self.bucket_frames(t) - t), (0, 0)))
-        out = self._forward(self._encoder.values(), self.rows.split_rows(x), self.rows.split_rows(lens, fill=1))
+        out, finite_in, finite_out = self._forward(
+            self._encoder.values(), self.rows.split_rows(x), self.rows.split_rows(lens, fill=1)
+        )
+        _check_finite(finite_in[:b], finite_out[:b], "features", "encoder output")
         out = out[:b, :t]
         return out[0] if squeeze else out
 
@@ -247,10 +269,11 @@ class Runner:
         lens = inputs.lengths(lengths, b, t)
         w = self.projector_config.window_size
         tb = -(-self.bucket_frames(t) // w) * w  # bucketed, whole windows
-        h = jnp.asarray(h, self._compute_dtype)
-        h = jnp.where(jnp.arange(t)[None, :, None] < jnp.asarray(lens)[:, None, None], h, 0)
-        h = jnp.pad(h, ((0, 0), (0, tb - t), (0, 0)))
-        emb = self._project(self._projector.values(), self.rows.split_rows(h))
+        h = jnp.pad(jnp.asarray(h, self._compute_dtype), ((0, 0), (0, tb - t), (0, 0)))
+        emb, finite_in, finite_out = self._project(
+            self._projector.values(), self.rows.split_rows(h), self.rows.split_rows(lens, fill=1)
+        )
+        _check_finite(finite_in[:b], finite_out[:b], "hidden_states", "projector output")
         emb, counts = (
             emb[:b, : num_audio_embeddings(t, self.projector_config)],
             num_audio_embeddings(lens, self.projector_config),
@@ -260,9 +283,11 @@ class Runner:
     def ctc_logits(self, hidden_states: Float[Array, "b t w"] | np.ndarray) -> Float[Array, "b t v"]:
         """The CTC head (`out`) on the final layer's hidden states: (B, T, output_dim) logits."""
         h, squeeze = inputs.feature_batch(hidden_states, self.config.output_width, "hidden_states", "output_width")
-        t = h.shape[1]
+        b, t = h.shape[:2]
         h = jnp.pad(jnp.asarray(h, self._compute_dtype), ((0, 0), (0, self.bucket_frames(t) - t), (0, 0)))
-        out = self._ctc(self._encoder.values(), h)[:, :t]
+        out, finite_in, finite_out = self._ctc(self._encoder.values(), h, np.full(b, t, np.int32))
+        _check_finite(finite_in, finite_out, "hidden_states", "CTC logits")
+        out = out[:, :t]
         return out[0] if squeeze else out
 
     def ctc_greedy(
@@ -336,10 +361,11 @@ class Runner:
         batch = self._waveform_batch(waveforms, sampling_rate, hf)
         with_projector = embeddings and self.projector is not None
         proj_values = self._projector.values() if with_projector else None
-        features, hidden, emb = self._encode(
+        features, hidden, emb, finite = self._encode(
             self._encoder.values(), proj_values, *self._split(batch, hf), hf_batch=hf, with_projector=with_projector
         )
         b, t = len(batch.frames), int(batch.frames.max())
+        _check_finite(np.ones(b, bool), finite[:b], "waveforms", "encoder or projector output")
         if not with_projector:
             return EncodeResult(features[:b, :t], hidden[:b, :t], batch.frames)
         pcfg = self.projector_config
@@ -366,6 +392,36 @@ class Runner:
 
 
 GraniteEncoder = Runner  # the earlier name
+
+
+def _valid(lengths: jax.Array, t: int) -> jax.Array:
+    """(B, t) mask of the first `lengths[i]` frames of each row."""
+    return jnp.arange(t)[None, :] < lengths[:, None]
+
+
+def _finite_rows(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """(B,) whether each row of x is finite in its valid frames (what padding holds does not matter)."""
+    return jnp.all(jnp.isfinite(x) | ~valid[..., None], axis=(1, 2))
+
+
+def _embedding_counts(frame_lengths: jax.Array, pcfg: ProjectorConfig) -> jax.Array:
+    return -(-frame_lengths // pcfg.window_size) * pcfg.num_queries
+
+
+def _check_finite(finite_in: Any, finite_out: Any, what_in: str, what_out: str) -> None:
+    """The one policy for non-finite values: a non-finite input is named; so is a finite input whose result
+    overflows float32 (or meets non-finite weights). Nothing non-finite is ever returned."""
+    finite_in, finite_out = np.asarray(finite_in), np.asarray(finite_out)
+    bad = np.flatnonzero(~finite_in).tolist()
+    if bad:
+        raise ValueError(f"{what_in} row(s) {bad} hold NaN or infinite values in their valid frames")
+    bad = np.flatnonzero(~finite_out).tolist()
+    if bad:
+        raise ValueError(
+            f"the {what_out} of row(s) {bad} is not finite although the {what_in} are: values of this magnitude "
+            "overflow float32 in the model (log-mel features lie within about [-2, 4]; samples in [-1, 1]), or "
+            "the checkpoint's weights hold NaN or infinite values"
+        )
 
 
 def _check_chunk_blocks(chunk_blocks: Any) -> None:

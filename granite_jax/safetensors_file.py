@@ -1,20 +1,27 @@
-"""A minimal lazy safetensors reader that uses plain reads instead of mmap.
+"""A lazy safetensors reader that uses plain reads instead of mmap, and validates like the official library.
 
-`safetensors.safe_open` maps the whole file, so every tensor read stays resident (as file-backed RSS)
-until the handle is dropped, and loading a model briefly counts its weights twice. Reading each tensor
-with `pread` into its own array keeps peak memory at the weights plus one tensor.
+`safetensors.safe_open` maps the whole file, so every tensor read stays resident (as file-backed RSS) until
+the handle is dropped, and loading a model briefly counts its weights twice. Reading each tensor with
+`pread` into its own array keeps peak memory at the weights plus one tensor.
+
+The header is checked as strictly as the official library checks it, so that a malformed file is refused
+rather than read as silently wrong weights: a JSON object of entries with a known dtype, a shape of
+non-negative integers and `data_offsets` [begin, end]; sorted by offset the entries must tile the data
+buffer exactly (the first at 0, each beginning where the previous ended, the last ending at the end of the
+file: no overlap, no gap, nothing out of bounds), and each must hold dtype size x elements bytes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
 import ml_dtypes
 import numpy as np
 
-_DTYPES = {
+_NUMPY = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
@@ -26,27 +33,85 @@ _DTYPES = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
+# Bytes per element of every dtype the format defines (readable or not here).
+_SIZES = {"U64": 8, "U32": 4, "U16": 2, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "C64": 8}
+_SIZES.update({k: v.itemsize for k, v in _NUMPY.items()})
+MAX_HEADER = 100_000_000  # the official library's limit
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a valid safetensors file; the message names it and what is wrong."""
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 class SafetensorsFile:
-    """Header parsed once; `get_tensor(name)` reads that tensor's bytes only."""
+    """Header parsed and validated once; `get_tensor(name)` reads that tensor's bytes only."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        with open(self.path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError(f"{self.path} is not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise ValueError(f"{self.path} is not a safetensors file (header of {n} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{self.path} is not a safetensors file ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) != 8:
+                    raise SafetensorsError(f"{self.path} is not a safetensors file (too short: {size} bytes)")
+                (n,) = struct.unpack("<Q", raw)
+                if n > MAX_HEADER or 8 + n > size:
+                    raise SafetensorsError(
+                        f"{self.path} is not a safetensors file (a header of {n} bytes in a file of {size})"
+                    )
+                text = f.read(n)
+        except OSError as e:
+            raise SafetensorsError(f"cannot read {self.path}: {e.strerror or e}") from None
+        if not text.startswith(b"{"):
+            raise SafetensorsError(f"{self.path} is not a safetensors file (the header is not a JSON object)")
+        try:
+            header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+            raise SafetensorsError(f"{self.path} is not a safetensors file (header: {e})") from None
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        ):
+            raise SafetensorsError(f"{self.path}: __metadata__ must map strings to strings")
+        self.metadata = metadata or {}
         self._entries = header
         self._data_start = 8 + n
+        self._validate(size - 8 - n)
+
+    def _validate(self, buffer: int) -> None:
+        spans = []
+        for name, entry in self._entries.items():
+            where = f"{self.path}: tensor {name!r}"
+            if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"} or len(entry) != 3:
+                raise SafetensorsError(f"{where} must have exactly dtype, shape and data_offsets")
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if dtype not in _SIZES:
+                raise SafetensorsError(f"{where} has unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+                raise SafetensorsError(f"{where} has an invalid shape {shape!r}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+                raise SafetensorsError(f"{where} has invalid data_offsets {offsets!r}")
+            begin, end = offsets
+            if end < begin:
+                raise SafetensorsError(f"{where} has data_offsets {offsets} that end before they begin")
+            want = _SIZES[dtype] * math.prod(shape)
+            if end - begin != want:
+                raise SafetensorsError(f"{where} has {end - begin} bytes for shape {tuple(shape)} {dtype} ({want})")
+            spans.append((begin, end, name))
+        at = 0
+        for begin, end, name in sorted(spans):
+            if begin != at:
+                what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes"
+                raise SafetensorsError(f"{self.path}: tensor {name!r} at bytes {begin}-{end} {what}")
+            at = end
+        if at != buffer:
+            raise SafetensorsError(
+                f"{self.path}: the tensors cover {at} bytes of a {buffer}-byte data buffer (truncated or padded)"
+            )
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -57,22 +122,32 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 
+    def dtype(self, name: str) -> str:
+        return self._entries[name]["dtype"]
+
     def get_tensor(self, name: str) -> np.ndarray:
+        if name not in self._entries:
+            raise KeyError(f"{self.path} has no tensor {name!r}")
         entry = self._entries[name]
-        dtype = _DTYPES.get(entry["dtype"])
+        dtype = _NUMPY.get(entry["dtype"])
         if dtype is None:
-            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-            raise ValueError(f"{self.path}: tensor {name} has {end - begin} bytes for shape {shape} {dtype}")
-        out = np.empty(shape, dtype)
+            raise SafetensorsError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, which cannot be read here")
+        begin, _ = entry["data_offsets"]
+        out = np.empty(tuple(entry["shape"]), dtype)
         buf = memoryview(out.reshape(-1).view(np.uint8))
         with open(self.path, "rb", buffering=0) as f:
             read = 0
             while read < len(buf):
                 got = os.preadv(f.fileno(), [buf[read:]], self._data_start + begin + read)
                 if got <= 0:
-                    raise ValueError(f"{self.path} is truncated (tensor {name})")
+                    raise SafetensorsError(f"{self.path} is truncated (tensor {name})")
                 read += got
         return out
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"duplicate entries {dupes}")
+    return dict(pairs)

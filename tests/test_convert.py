@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 import granite_jax
 from granite_jax import checkpoint
-from granite_jax.convert import convert_hf, flax_to_hf
+from granite_jax.convert import convert_hf, flax_to_hf, sources
 from granite_jax.convert.cli import main as convert_main
 from granite_jax.testing import TINY, convert_cli, rel_err, torch_encode
 from granite_jax.testing.hf import make_hf_checkpoint
@@ -251,6 +251,7 @@ def test_hub_download_fetches_only_what_the_encoder_needs(tmp_path, monkeypatch)
         return os.fspath(dst)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: None)
     config, params, prov, projector_config, projector_params, features = convert_hf("org/model")
     index = json.loads((tmp_path / "remote" / "model.safetensors.index.json").read_text())
     shards = {v for k, v in index["weight_map"].items() if k.startswith(("encoder.", "projector."))}
@@ -265,6 +266,20 @@ def test_hub_download_fetches_only_what_the_encoder_needs(tmp_path, monkeypatch)
     x = np.random.default_rng(8).standard_normal((1, 9, CFG.input_dim)).astype(np.float32)
     model = granite_jax.Runner(granite_jax.modeling.encoder_from_params(config, params))
     assert rel_err(model.encode_features(x), torch_encode(ref, x)) < 1e-4
+
+
+def test_hub_unreachable_fails_at_once(tmp_path, monkeypatch):
+    """Offline, a hub id gets its clear error after one connection attempt, not half a minute of retries."""
+    import huggingface_hub
+
+    def no_download(*a, **k):
+        raise AssertionError("hf_hub_download was called although the hub cannot be reached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: "cannot reach huggingface.co: Name or service not known")
+    rc, err = _run_cli("org/model", tmp_path / "gj")
+    assert rc == 1 and "cannot reach huggingface.co" in err and "local directory" in err
+    assert not (tmp_path / "gj").exists()
 
 
 def test_progress_bar_for_sharded_checkpoints(tmp_path, capsys):

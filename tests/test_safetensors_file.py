@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
+import struct
+
 import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from granite_jax.safetensors_file import SafetensorsFile
+from granite_jax.safetensors_file import SafetensorsError, SafetensorsFile
 
 
 def test_matches_the_library(tmp_path):
@@ -42,3 +46,85 @@ def test_bad_files_are_named(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(data[:-100])
     with pytest.raises(ValueError, match="truncated"):
         SafetensorsFile(tmp_path / "t.safetensors").get_tensor("x")
+
+
+def _raw(header: dict, data: bytes, *, pad_header: bytes = b"") -> bytes:
+    text = json.dumps(header).encode() + pad_header
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def _two(a, b, *, data_len=48, dtype="F32", shape_a=(3,), shape_b=(3,)):
+    return {
+        "a": {"dtype": dtype, "shape": list(shape_a), "data_offsets": list(a)},
+        "b": {"dtype": dtype, "shape": list(shape_b), "data_offsets": list(b)},
+    }, bytes(range(data_len))
+
+
+# Malformed files: each is refused by the official library, and must be refused here too (never read as
+# silently wrong weights).
+MALFORMED = {
+    "overlap": lambda: _raw(*_two((0, 12), (0, 12), data_len=12)),
+    "overlap_partial": lambda: _raw(*_two((0, 12), (8, 20), data_len=20)),
+    "negative_offset": lambda: _raw(*_two((-12, 0), (0, 12), data_len=12)),
+    "gap": lambda: _raw(*_two((0, 12), (16, 28), data_len=28)),
+    "not_from_zero": lambda: _raw(*_two((4, 16), (16, 28), data_len=28)),
+    "past_the_end": lambda: _raw(*_two((0, 12), (12, 24), data_len=20)),
+    "buffer_left_over": lambda: _raw(*_two((0, 12), (12, 24), data_len=40)),
+    "size_mismatch": lambda: _raw(*_two((0, 12), (12, 24), data_len=24, shape_b=(4,))),
+    "end_before_begin": lambda: _raw(*_two((12, 0), (0, 12), data_len=12)),
+    "unknown_dtype": lambda: _raw(*_two((0, 12), (12, 24), data_len=24, dtype="F33")),
+    "shape_negative": lambda: _raw(*_two((0, 12), (12, 24), data_len=24, shape_b=(-3,))),
+    "header_longer_than_file": lambda: struct.pack("<Q", 10_000) + b"{}",
+    "header_not_object": lambda: _raw([], b""),
+    "header_not_json": lambda: struct.pack("<Q", 5) + b"{nope",
+    "metadata_not_strings": lambda: _raw({"__metadata__": {"a": 1}}, b""),
+    "entry_not_object": lambda: _raw({"a": [1, 2]}, b""),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_files_are_refused_like_the_official_library(tmp_path, name):
+    from safetensors import safe_open
+
+    path = tmp_path / f"{name}.safetensors"
+    path.write_bytes(MALFORMED[name]())
+    with pytest.raises(Exception), safe_open(path, framework="numpy") as f:  # noqa: B017 (its own error types)
+        for k in f.keys():  # noqa: SIM118
+            f.get_tensor(k)
+    with pytest.raises(SafetensorsError, match=re.escape(str(path))):
+        SafetensorsFile(path)
+
+
+def test_padded_header_and_empty_file_are_valid(tmp_path):
+    """What the official library accepts: a header padded with spaces; no tensors at all."""
+    from safetensors import safe_open
+
+    header, data = _two((0, 12), (12, 24), data_len=24)
+    (tmp_path / "pad.safetensors").write_bytes(_raw(header, data, pad_header=b"    "))
+    (tmp_path / "none.safetensors").write_bytes(_raw({}, b""))
+    for name in ("pad", "none"):
+        with safe_open(tmp_path / f"{name}.safetensors", framework="numpy") as f:
+            want = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        got = SafetensorsFile(tmp_path / f"{name}.safetensors")
+        assert sorted(got.keys()) == sorted(want)
+        for k, v in want.items():
+            np.testing.assert_array_equal(got.get_tensor(k), v)
+
+
+def test_overlapping_checkpoint_is_refused_by_the_converter(tmp_path):
+    """An HF checkpoint whose header makes one layer read another's bytes does not convert (it did, silently)."""
+    pytest.importorskip("transformers")
+    from granite_jax.convert.cli import main
+    from granite_jax.testing import TINY
+    from granite_jax.testing.hf import make_hf_checkpoint
+
+    make_hf_checkpoint(TINY, tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    a, b = "layers.0.ff1.up_proj.weight", "layers.1.ff1.up_proj.weight"
+    header[b]["data_offsets"] = header[a]["data_offsets"]  # layer 1 would silently read layer 0's weights
+    path.write_bytes(_raw(header, raw[8 + n :]))
+    assert main([str(tmp_path / "hf"), str(tmp_path / "gj"), "--quiet"]) == 1
+    assert not (tmp_path / "gj").exists()
