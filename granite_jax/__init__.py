@@ -5,6 +5,7 @@ from granite_jax.buckets import BucketPolicy
 from granite_jax.cache import enable_compilation_cache
 from granite_jax.config import PRODUCTION, ConfigError, EncoderConfig, FeatureConfig, ProjectorConfig
 from granite_jax.ctc import ctc_greedy_decode
+from granite_jax.export import export_hf
 from granite_jax.features import extract_features
 from granite_jax.modeling import GraniteSpeechEncoder
 from granite_jax.projector import GraniteSpeechProjector
@@ -26,6 +27,7 @@ __all__ = [
     "Runner",
     "ctc_greedy_decode",
     "enable_compilation_cache",
+    "export_hf",
     "extract_features",
     "load",
     "load_audio",

@@ -183,7 +183,7 @@ def load(path: str | os.PathLike) -> Converted:
         if projector_config is None:
             raise CheckpointError(f"{path}/{PROJECTOR_CONFIG_FILE} holds no projector config")
         projector_params = LazyParams(file, prefix=PROJECTOR_PREFIX)
-    elif any(name.startswith(PROJECTOR_PREFIX) for name in file.keys()):  # noqa: SIM118 (not a dict)
+    elif any(name.startswith(PROJECTOR_PREFIX) for name in file):
         raise CheckpointError(f"{path} has projector parameters but no {PROJECTOR_CONFIG_FILE}")
     feature_config = FeatureConfig()
     if os.path.exists(os.path.join(path, FEATURE_CONFIG_FILE)):

@@ -152,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
     e = sub.add_parser("encode", help="encode audio files: hidden states, projector embeddings or CTC text")
     encode_cli.build_parser(e)
+    from granite_jax import train_cli
+
+    f = sub.add_parser("finetune", help="fine-tune (or train) the encoder with optax on a NeMo manifest")
+    train_cli.build_finetune_parser(f)
+    x = sub.add_parser("export", help="write a granite_jax checkpoint back as a Hugging Face directory")
+    train_cli.build_export_parser(x)
     c = sub.add_parser("convert", help="same as granite-jax-convert", add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
@@ -161,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         return convert_main(args.args)
     if args.command == "encode":
         return encode_cli.execute(args)
+    if args.command == "finetune":
+        return run_command("granite-jax finetune", lambda: train_cli.run_finetune(args))
+    if args.command == "export":
+        return run_command("granite-jax export", lambda: train_cli.run_export(args))
     if args.layers < 1 or (args.seconds is not None and not args.seconds > 0) or args.runs < 1 or args.batch < 1:
         p.error("--layers, --seconds, --runs and --batch must be positive")
     return run_command("granite-jax demo", lambda: demo(args.layers, args.clip, args.seconds, args.runs, args.batch))

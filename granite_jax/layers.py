@@ -52,7 +52,11 @@ def layer_norm(rngs: nnx.Rngs, dim: int, *, eps: float = TORCH_EPS, **kw) -> nnx
 class BatchNorm1d(nnx.BatchNorm):
     """`nn.BatchNorm1d` over the last axis (channels-last), with torch's `num_batches_tracked` counter.
 
-    In eval mode it normalises with the running statistics.
+    Eval mode (`use_running_average`, the default) normalises with the running statistics. Train mode
+    (`model.train()`) normalises with the batch's statistics over the *valid* frames only, so that padding
+    never changes a result, and updates the running statistics as torch does: momentum 0.1, the running
+    variance from the unbiased batch variance (n / (n - 1)), `num_batches_tracked` + 1. (Torch counts the
+    padding of a padded batch in its statistics; on an unpadded batch the two agree.) Statistics in fp32.
     """
 
     def __init__(self, num_features: int, *, rngs: nnx.Rngs, **kw):
@@ -65,3 +69,49 @@ class BatchNorm1d(nnx.BatchNorm):
             **kw,
         )
         self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        if self.use_running_average:
+            return super().__call__(x)
+        if valid is None:
+            valid = jnp.ones(x.shape[:-1], bool)
+        xf = x.astype(jnp.float32)
+        weight = valid[..., None].astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        n = jnp.maximum(jnp.sum(weight), 1.0)
+        mean = jnp.sum(xf * weight, axis=axes) / n
+        var = jnp.sum(jnp.square(xf - mean) * weight, axis=axes) / n  # biased: what the batch is normalised by
+        unbiased = var * n / jnp.maximum(n - 1.0, 1.0)
+        m = 1.0 - self.momentum  # torch's momentum
+        self.mean[...] = jax.lax.stop_gradient((1 - m) * self.mean[...] + m * mean).astype(self.mean.dtype)
+        self.var[...] = jax.lax.stop_gradient((1 - m) * self.var[...] + m * unbiased).astype(self.var.dtype)
+        self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Dropout(nnx.Module):
+    """`nn.Dropout(rate)`: the identity in eval mode (`deterministic`, the default); in train mode
+    (`model.train()`) it zeroes each value with probability `rate` and scales the rest by 1 / (1 - rate),
+    drawing from the explicit `key` it is given (reproducible from a seed, and fine under `lax.scan`)."""
+
+    def __init__(self, rate: float):
+        self.rate = float(rate)
+        self.deterministic = True
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        if key is None:
+            raise ValueError(
+                f"dropout (rate {self.rate}) in train mode needs a random key: pass key= to the model (or "
+                "use a dropout rate of 0, or model.eval())"
+            )
+        keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
+    """`num` independent keys from `key` (None: `num` Nones, for eval mode)."""
+    return [None] * num if key is None else list(jax.random.split(key, num))

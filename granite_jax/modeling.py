@@ -15,7 +15,7 @@ training) is a `Strategy`, passed in by the caller; `tiling.py` holds the tiled 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from granite_jax.config import EncoderConfig
-from granite_jax.layers import BatchNorm1d, dense, layer_norm
+from granite_jax.layers import BatchNorm1d, Dropout, dense, layer_norm, split_key
 from granite_jax.nnx_params import (
     abstract_variables,
     module_from_params,
@@ -46,11 +46,12 @@ class FeedForward(nnx.Module):
         self.pre_norm = layer_norm(rngs, cfg.hidden_dim, **kw)
         self.up_proj = dense(rngs, cfg.hidden_dim, cfg.hidden_dim * cfg.feedforward_mult, **kw)
         self.down_proj = dense(rngs, cfg.hidden_dim * cfg.feedforward_mult, cfg.hidden_dim, **kw)
-        self.dropout = nnx.Dropout(cfg.dropout, deterministic=True)
+        self.dropout = Dropout(cfg.dropout)
 
-    def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
-        h = self.dropout(nnx.silu(self.up_proj(self.pre_norm(x))))
-        return self.dropout(self.down_proj(h))
+    def __call__(self, x: Float[Array, "b t d"], key: Array | None = None) -> Float[Array, "b t d"]:
+        k1, k2 = split_key(key, 2)
+        h = self.dropout(nnx.silu(self.up_proj(self.pre_norm(x))), k1)
+        return self.dropout(self.down_proj(h), k2)
 
 
 class Attention(nnx.Module):
@@ -71,9 +72,11 @@ class Attention(nnx.Module):
         self.to_kv = dense(rngs, cfg.hidden_dim, 2 * cfg.inner_dim, bias=False, **kw)
         self.to_out = dense(rngs, cfg.inner_dim, cfg.hidden_dim, **kw)
         self.rel_pos_emb = nnx.Embed(2 * cfg.max_pos_emb + 1, cfg.dim_head, rngs=rngs, **kw)
-        self.dropout = nnx.Dropout(cfg.dropout, deterministic=True)
+        self.dropout = Dropout(cfg.dropout)
 
-    def __call__(self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:
+    def __call__(
+        self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], key: Array | None = None
+    ) -> Float[Array, "b t d"]:
         """Any T: the projections run on the T frames, the block-local core on T padded to whole blocks."""
         b, t, _ = x.shape
         c, h = self.context_size, self.num_heads
@@ -91,7 +94,7 @@ class Attention(nnx.Module):
         logits = jnp.where(key_valid, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bnhqk,bnkhd->bnqhd", weights, v).reshape(b, n * c, -1)[:, :t]  # (b t h*d)
-        return self.dropout(self.to_out(out))
+        return self.dropout(self.to_out(out), key)
 
     def relative_logits(self, q: Float[Array, "b n c h d"]) -> Float[Array, "b n h c c"]:
         """Shaw term q_i . E[clamp(i - j) + max_pos_emb] without gathering a (c, c, dim_head) table.
@@ -151,22 +154,28 @@ class ConvModule(nnx.Module):
         self.depth_conv = DepthWiseConv1d(inner, cfg.conv_kernel_size, rngs=rngs, **kw)
         self.batch_norm = BatchNorm1d(inner, rngs=rngs, **kw)
         self.down_conv = dense(rngs, inner, cfg.hidden_dim, **kw)
-        self.dropout = nnx.Dropout(cfg.dropout, deterministic=True)
+        self.dropout = Dropout(cfg.dropout)
 
-    def __call__(self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:
+    def __call__(
+        self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], key: Array | None = None
+    ) -> Float[Array, "b t d"]:
         pad = ((0, 0), self.depth_conv.padding)
-        return self.windowed(jnp.pad(x, pad + ((0, 0),)), jnp.pad(valid, pad))
+        return self.windowed(jnp.pad(x, pad + ((0, 0),)), jnp.pad(valid, pad), key)
 
-    def windowed(self, xw: Float[Array, "b t+k-1 d"], valid_w: Bool[Array, "b t+k-1"]) -> Float[Array, "b t d"]:
+    def windowed(
+        self, xw: Float[Array, "b t+k-1 d"], valid_w: Bool[Array, "b t+k-1"], key: Array | None = None
+    ) -> Float[Array, "b t d"]:
         """The module on frames that carry the depthwise conv's halo on each side (zeros, or neighbours).
 
         Everything but the depthwise conv is per frame, so windows that overlap by kernel_size - 1 frames
         give exactly the result on the whole sequence.
         """
+        left, right = self.depth_conv.padding
         a, gate = jnp.split(self.up_conv(self.norm(xw)), 2, axis=-1)
         h = masked(a * jax.nn.sigmoid(gate), valid_w)  # GLU; the conv sees zeros past the end, like unpadded
-        h = nnx.silu(self.batch_norm(self.depth_conv.valid(h)))
-        return self.dropout(self.down_conv(h))
+        centre = valid_w[:, left : valid_w.shape[1] - right]  # the output frames (train mode's statistics)
+        h = nnx.silu(self.batch_norm(self.depth_conv.valid(h), centre))
+        return self.dropout(self.down_conv(h), key)
 
 
 class ConformerBlock(nnx.Module):
@@ -179,11 +188,14 @@ class ConformerBlock(nnx.Module):
         self.ff2 = FeedForward(cfg, rngs=rngs, **kw)
         self.post_norm = layer_norm(rngs, cfg.hidden_dim, **kw)
 
-    def __call__(self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:
-        x = 0.5 * self.ff1(x) + x
-        x = self.attn(x, valid) + x
-        x = self.conv(x, valid) + x
-        x = 0.5 * self.ff2(x) + x
+    def __call__(
+        self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], key: Array | None = None
+    ) -> Float[Array, "b t d"]:
+        k1, k2, k3, k4 = split_key(key, 4)  # dropout, in train mode
+        x = 0.5 * self.ff1(x, k1) + x
+        x = self.attn(x, valid, k2) + x
+        x = self.conv(x, valid, k3) + x
+        x = 0.5 * self.ff2(x, k4) + x
         return self.post_norm(x)
 
 
@@ -193,13 +205,13 @@ PerFrame = Callable[[Array, Array], Array]  # fn(x, valid) -> y, frame by frame
 class Strategy(Protocol):
     """How the encoder schedules its work; the result is the same whatever the strategy.
 
-    `per_frame(fn, x, valid)` applies a per-frame function; `block(block, x, valid, after)` runs one
-    conformer block and then the per-frame `after(out, valid)`.
+    `per_frame(fn, x, valid)` applies a per-frame function; `block(block, x, valid, after, key)` runs one
+    conformer block (`key`: its dropout key in train mode) and then the per-frame `after(out, valid)`.
     """
 
     def per_frame(self, fn: PerFrame, x: Array, valid: Array) -> Array: ...
 
-    def block(self, block: ConformerBlock, x: Array, valid: Array, after: PerFrame) -> Array: ...
+    def block(self, block: ConformerBlock, x: Array, valid: Array, after: PerFrame, key: Array | None) -> Array: ...
 
 
 class Plain:
@@ -208,18 +220,36 @@ class Plain:
     def per_frame(self, fn: PerFrame, x: Array, valid: Array) -> Array:
         return fn(x, valid)
 
-    def block(self, block: ConformerBlock, x: Array, valid: Array, after: PerFrame) -> Array:
-        return after(block(x, valid), valid)
+    def block(self, block: ConformerBlock, x: Array, valid: Array, after: PerFrame, key: Array | None) -> Array:
+        return after(block(x, valid, key), valid)
 
 
 PLAIN = Plain()
+
+
+class EncoderOutput(NamedTuple):
+    """What `GraniteSpeechEncoder.forward` returns.
+
+    `last_hidden_state` (B, T, output_width): HF's `last_hidden_state`. `hidden_states` (num_layers + 1, B,
+    T, hidden_dim), when asked for: HF's `output_hidden_states`, the input projection then every block's
+    output (the self-conditioning block's with its term added, as torch's in-place `+=` gives). HF's last
+    entry is its `last_hidden_state`, which for plus is the concatenation (here `last_hidden_state`), and
+    HF gives none at all without blocks (here the input projection).
+    `mid_logits` (B, T, output_dim), when asked for: the CTC logits `out` computes at the
+    self-conditioning block (the intermediate CTC loss's input).
+    """
+
+    last_hidden_state: Array
+    hidden_states: Array | None = None
+    mid_logits: Array | None = None
 
 
 class GraniteSpeechEncoder(nnx.Module):
     """`GraniteSpeechCTCEncoder` (and the plus variant's `cat_hidden_layers`) in NNX.
 
     `__call__(features, valid)` takes (B, T, input_dim) and a (B, T) mask of valid frames and returns
-    (B, T, output_width) with zeros at invalid frames; T need not be a multiple of context_size.
+    (B, T, output_width) with zeros at invalid frames; T need not be a multiple of context_size. In train
+    mode (`model.train()`), `key` drives dropout.
     """
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32):
@@ -231,10 +261,11 @@ class GraniteSpeechEncoder(nnx.Module):
         self.out = dense(rngs, cfg.hidden_dim, cfg.output_dim, **kw)
         self.out_mid = dense(rngs, cfg.output_dim, cfg.hidden_dim, **kw)
 
-    def self_condition(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
-        """CTC self-conditioning: x + out_mid(softmax(out(x)))."""
-        probs = jax.nn.softmax(self.out(x).astype(jnp.float32), axis=-1).astype(x.dtype)
-        return x + self.out_mid(probs)
+    def self_condition(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t d"], Float[Array, "b t v"]]:
+        """CTC self-conditioning: (x + out_mid(softmax(out(x))), out(x))."""
+        logits = self.out(x)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+        return x + self.out_mid(probs), logits
 
     def __call__(
         self,
@@ -242,57 +273,97 @@ class GraniteSpeechEncoder(nnx.Module):
         valid: Bool[Array, "b t"] | None = None,
         *,
         strategy: Strategy = PLAIN,
+        key: Array | None = None,
     ) -> Float[Array, "b t w"]:
+        return self.forward(features, valid, strategy=strategy, key=key).last_hidden_state
+
+    def forward(
+        self,
+        features: Float[Array, "b t f"],
+        valid: Bool[Array, "b t"] | None = None,
+        *,
+        strategy: Strategy = PLAIN,
+        key: Array | None = None,
+        hidden_states: bool = False,
+        mid_logits: bool = False,
+    ) -> EncoderOutput:
+        """The encoder, with HF's per-layer `hidden_states` and the intermediate CTC logits on request."""
         cfg = self.config
         if features.shape[-1] != cfg.input_dim:
             raise ValueError(f"features have {features.shape[-1]} channels, the encoder expects {cfg.input_dim}")
         if valid is None:
             valid = jnp.ones(features.shape[:2], bool)
         x = strategy.per_frame(lambda f, v: self.input_linear(masked(f, v)), features, valid)
-        exports = [x] if 0 in cfg.exported_layers else []
-        if cfg.num_layers:
-            x, saved = self._blocks(x, valid, strategy)
-            exports += list(saved)  # the exported block outputs before the last block's
-            if cfg.num_layers in cfg.exported_layers:
-                exports.append(x)
-        elif not exports:
+        if not cfg.num_layers:
             x = masked(x, valid)
-        if exports:  # plus: [exports in layer order..., final]
-            x = masked(jnp.concatenate(exports + [x], axis=-1), valid)
-        return x
+        embedded = x
+        # 1-based layers whose outputs are kept: the plus exports, or all of them for hidden_states
+        keep = set(range(1, cfg.num_layers + 1)) if hidden_states else set(cfg.exported_layers) - {0}
+        x, saved, logits = self._blocks(x, valid, strategy, key, sorted(keep - {cfg.num_layers}), mid_logits)
+        outputs = {0: embedded, cfg.num_layers: x} | dict(zip(sorted(keep - {cfg.num_layers}), saved, strict=True))
+        last = x
+        if cfg.exported_layers:  # plus: [exports in layer order..., final]
+            last = masked(jnp.concatenate([outputs[i] for i in cfg.exported_layers] + [x], axis=-1), valid)
+        states = None
+        if hidden_states:  # (the input projection is zeroed past the lengths here; the blocks never read it)
+            states = jnp.stack([masked(outputs[0], valid)] + [outputs[i] for i in range(1, cfg.num_layers + 1)])
+        return EncoderOutput(last, states, logits)
 
     def _blocks(
-        self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], strategy: Strategy
-    ) -> tuple[Float[Array, "b t d"], Float[Array, "e b t d"]]:
+        self,
+        x: Float[Array, "b t d"],
+        valid: Bool[Array, "b t"],
+        strategy: Strategy,
+        key: Array | None,
+        keep: list[int],
+        mid_logits: bool,
+    ) -> tuple[Float[Array, "b t d"], Float[Array, "e b t d"], Array | None]:
         """All blocks in one scan; after block i: the self-conditioning (i = num_layers // 2), padding zeroed.
 
-        Returns the last block's output and the outputs of the exported blocks before the last one. The
-        reference appends an export before its in-place `+=`, so the export at the self-conditioning block
-        already includes that term: taking it after matches.
+        Returns the last block's output, the outputs of the (1-based) blocks in `keep`, and the self-
+        conditioning block's CTC logits when `mid_logits` (computed on the whole batch then, not per tile).
+        The reference appends an export before its in-place `+=`, so the export at the self-conditioning
+        block already includes that term: taking it after matches.
         """
         cfg = self.config
+        if not cfg.num_layers:
+            return x, [], None
         mid = cfg.self_conditioning_layer - 1  # 0-based block; -1: none
-        exported = [i for i in cfg.exported_layers if 0 < i < cfg.num_layers]
         slots = np.full(cfg.num_layers, -1, np.int32)  # block (0-based) -> its row in `saved`, or -1
-        slots[np.asarray(exported, int) - 1] = np.arange(len(exported))
-        saved = jnp.zeros((len(exported),) + x.shape, x.dtype)
+        slots[np.asarray(keep, int) - 1] = np.arange(len(keep))
+        saved = jnp.zeros((len(keep),) + x.shape, x.dtype)
+        logits = jnp.zeros(x.shape[:2] + (cfg.output_dim,), x.dtype) if mid_logits and mid >= 0 else None
+        keys = jnp.stack(split_key(key, cfg.num_layers)) if key is not None else None
+
+        def condition(x):  # (self-conditioned x, its logits)
+            return self.self_condition(x)
+
+        def unconditioned(x):
+            return x, jnp.zeros(x.shape[:2] + (cfg.output_dim,), x.dtype)
 
         def step(block: ConformerBlock, carry, layer):
-            (x, saved), (i, slot) = carry, layer
+            (x, saved, logits), (i, slot, k) = carry, layer
 
             def after(out, valid):
-                if mid >= 0:
-                    out = jax.lax.cond(i == mid, self.self_condition, lambda o: o, out)
+                if mid >= 0 and logits is None:
+                    out = jax.lax.cond(i == mid, lambda o: condition(o)[0], lambda o: o, out)
                 return masked(out, valid)  # no valid frame reads the padding; zeros keep it finite
 
-            x = strategy.block(block, x, valid, after)
-            if exported:
+            x = strategy.block(block, x, valid, after, k)
+            if logits is not None:  # the whole batch at once, keeping the logits
+                x, here = jax.lax.cond(i == mid, condition, unconditioned, x)
+                x = masked(x, valid)
+                logits = jnp.where(i == mid, here, logits)
+            if keep:
                 saved = jax.lax.cond(
                     slot >= 0, lambda s: jax.lax.dynamic_update_index_in_dim(s, x, slot, 0), lambda s: s, saved
                 )
-            return x, saved
+            return x, saved, logits
 
-        return scan_stacked(self.layers, step, (x, saved), (jnp.arange(cfg.num_layers), jnp.asarray(slots)))
+        mutable = None if self.layers.conv.batch_norm.use_running_average else nnx.BatchStat
+        xs = (jnp.arange(cfg.num_layers), jnp.asarray(slots), keys)
+        x, saved, logits = scan_stacked(self.layers, step, (x, saved, logits), xs, mutable=mutable)
+        return x, list(saved), logits
 
     def layer(self, i: int) -> ConformerBlock:
         """Block i (0-based) as a module of its own, holding a copy of its slice of the stacked weights.

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float
 
 from granite_jax import checkpoint, inputs, tiling
@@ -22,7 +23,7 @@ from granite_jax.buckets import BucketPolicy, pad_rows, samples_for_frames
 from granite_jax.config import EncoderConfig, FeatureConfig, ProjectorConfig
 from granite_jax.convert.convert import convert_hf
 from granite_jax.ctc import ctc_greedy_decode
-from granite_jax.devices import REPLICATED, ROWS, DeviceSpec, RowMesh, resolve_devices
+from granite_jax.devices import AXIS, REPLICATED, ROWS, DeviceSpec, RowMesh, resolve_devices
 from granite_jax.features import log_mel, min_samples, num_encoder_frames, prepare_waveforms
 from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params, masked
 from granite_jax.projector import GraniteSpeechProjector, num_audio_embeddings, projector_from_params
@@ -51,8 +52,11 @@ class _Bound:
             v.set_value(jax.device_put(v.get_value(), sharding))
 
     def merge(self, values) -> nnx.Module:
+        """The module over `values`, in eval mode whatever mode it was bound in (the Runner is inference)."""
         pairs = [(p, v.replace(x)) for (p, v), x in zip(self.variables, values, strict=True)]
-        return nnx.merge(self.graphdef, nnx.from_flat_state(pairs))
+        module = nnx.merge(self.graphdef, nnx.from_flat_state(pairs))
+        module.eval()
+        return module
 
     def num_values(self) -> int:
         return sum(int(np.prod(x.shape)) for x in self.values())
@@ -73,6 +77,7 @@ class EncodeResult:
     lengths: np.ndarray
     audio_embeddings: jax.Array | None = None
     embedding_counts: np.ndarray | None = None
+    layer_hidden_states: jax.Array | None = None
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -148,50 +153,60 @@ class Runner:
                 bound.place(self.rows.replicated)  # once; zero-copy when already on the one device
         self._traces = 0
         on_rows = self.rows.rows
-        self._forward = jax.jit(self._forward_impl, out_shardings=on_rows)
-        self._encode = jax.jit(self._encode_impl, static_argnames=("hf_batch", "with_projector"), out_shardings=on_rows)
+        self._forward = jax.jit(self._forward_impl, static_argnames=("hidden_states",))
+        self._encode = jax.jit(self._encode_impl, static_argnames=("hf_batch", "with_projector", "hidden_states"))
         self._features = jax.jit(self._features_impl, static_argnames=("hf_batch",), out_shardings=on_rows)
         self._project = jax.jit(self._project_impl, out_shardings=on_rows)
         self._ctc = jax.jit(self._ctc_impl)
 
     # -- the compiled functions (the body of each runs once per trace: per compiled shape) ---------------
-    def _run_encoder(self, values, features, frame_lengths):
+    def _run_encoder(self, values, features, frame_lengths, hidden_states: bool = False):
+        """(last hidden state, per-layer hidden states or None)."""
         valid = jnp.arange(features.shape[1])[None, :] < frame_lengths[:, None]
-        return tiling.encode(self._encoder.merge(values), features, valid, self.chunk_blocks)
+        model = self._encoder.merge(values)
+        if not hidden_states:
+            return tiling.encode(model, features, valid, self.chunk_blocks), None
+        out = tiling.forward(model, features, valid, self.chunk_blocks, hidden_states=True)
+        return out.last_hidden_state, out.hidden_states
 
     def _log_mel(self, waveforms, sample_lengths, hf_batch: bool):
         return log_mel(waveforms, sample_lengths, self.feature_config, hf_batch=hf_batch)
 
-    def _forward_impl(self, values, features, frame_lengths):
+    def _forward_impl(self, values, features, frame_lengths, hidden_states):
         self._traces += 1
 
         def rows(values, features, frame_lengths):
             valid = _valid(frame_lengths, features.shape[1])
-            hidden = self._run_encoder(values, features, frame_lengths)
-            return hidden, _finite_rows(features, valid), _finite_rows(hidden, valid)
+            hidden, states = self._run_encoder(values, features, frame_lengths, hidden_states)
+            return hidden, states, _finite_rows(features, valid), _finite_rows(hidden, valid)
 
-        return self.rows.per_device(rows, (REPLICATED, ROWS, ROWS))(values, features, frame_lengths)
+        out_specs = (ROWS, PartitionSpec(None, AXIS), ROWS, ROWS)  # per-layer states: rows are axis 1
+        run = self.rows.per_device(rows, (REPLICATED, ROWS, ROWS), out_specs)
+        return run(values, features, frame_lengths)
 
     def _features_impl(self, waveforms, sample_lengths, hf_batch):
         self._traces += 1
         run = self.rows.per_device(lambda w, n: self._log_mel(w, n, hf_batch), (ROWS, ROWS))
         return run(waveforms, sample_lengths)
 
-    def _encode_impl(self, enc_values, proj_values, waveforms, sample_lengths, frame_lengths, hf_batch, with_projector):
+    def _encode_impl(
+        self, enc_values, proj_values, waveforms, sample_lengths, frame_lengths, hf_batch, with_projector, hidden_states
+    ):
         self._traces += 1
 
         def rows(enc_values, proj_values, waveforms, sample_lengths, frame_lengths):
             features = self._log_mel(waveforms, sample_lengths, hf_batch).astype(self._compute_dtype)
-            hidden = self._run_encoder(enc_values, features, frame_lengths)
+            hidden, states = self._run_encoder(enc_values, features, frame_lengths, hidden_states)
             ok = _finite_rows(hidden, _valid(frame_lengths, hidden.shape[1]))
             embeddings = None
             if with_projector:
                 embeddings = self._projector.merge(proj_values)(hidden)
                 counts = _embedding_counts(frame_lengths, self.projector_config)
                 ok &= _finite_rows(embeddings, _valid(counts, embeddings.shape[1]))
-            return features, hidden, embeddings, ok
+            return features, hidden, embeddings, states, ok
 
-        run = self.rows.per_device(rows, (REPLICATED, REPLICATED, ROWS, ROWS, ROWS))
+        out_specs = (ROWS, ROWS, ROWS, PartitionSpec(None, AXIS), ROWS)
+        run = self.rows.per_device(rows, (REPLICATED, REPLICATED, ROWS, ROWS, ROWS), out_specs)
         return run(enc_values, proj_values, waveforms, sample_lengths, frame_lengths)
 
     def _project_impl(self, values, hidden_states, frame_lengths):
@@ -233,24 +248,35 @@ class Runner:
 
     # -- features -> hidden states -----------------------------------------------------------------------
     def encode_features(
-        self, features: Float[Array, "b t f"] | np.ndarray, lengths: Sequence[int] | np.ndarray | None = None
-    ) -> Float[Array, "b t w"]:
+        self,
+        features: Float[Array, "b t f"] | np.ndarray,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        *,
+        output_hidden_states: bool = False,
+    ) -> Float[Array, "b t w"] | tuple[Float[Array, "b t w"], Float[Array, "l b t d"]]:
         """Encode log-mel features (B, T, input_dim) -> hidden states (B, T, output_width).
 
         Without `lengths`: HF `GraniteSpeechCTCEncoder(features).last_hidden_state` on the same batch.
         With `lengths` (valid frames per row): row i equals row i encoded alone, unpadded; frames past a
-        row's length are zeros. A 2-D (T, input_dim) input gives a 2-D output.
+        row's length are zeros. A 2-D (T, input_dim) input gives a 2-D output. `output_hidden_states`: also
+        return every layer's output, (num_layers + 1, B, T, hidden_dim), as HF's `output_hidden_states`
+        gives them (the input projection, then each block).
         """
         x, squeeze = inputs.feature_batch(features, self.config.input_dim)
         b, t, _ = x.shape
         lens = inputs.lengths(lengths, b, t)
         x = jnp.pad(jnp.asarray(x, self._compute_dtype), ((0, 0), (0, self.bucket_frames(t) - t), (0, 0)))
-        out, finite_in, finite_out = self._forward(
-            self._encoder.values(), self.rows.split_rows(x), self.rows.split_rows(lens, fill=1)
+        out, states, finite_in, finite_out = self._forward(
+            self._encoder.values(),
+            self.rows.split_rows(x),
+            self.rows.split_rows(lens, fill=1),
+            hidden_states=output_hidden_states,
         )
         _check_finite(finite_in[:b], finite_out[:b], "features", "encoder output")
-        out = out[:b, :t]
-        return out[0] if squeeze else out
+        out = out[0, :t] if squeeze else out[:b, :t]
+        if not output_hidden_states:
+            return out
+        return out, (states[:, 0, :t] if squeeze else states[:, :b, :t])
 
     # -- hidden states -> LLM embeddings, CTC --------------------------------------------------------------
     def audio_embeddings(
@@ -344,6 +370,7 @@ class Runner:
         *,
         batch_mode: str = "per_utterance",
         embeddings: bool = True,
+        output_hidden_states: bool = False,
     ) -> EncodeResult:
         """Audio -> log-mel -> encoder -> projector in one compiled call.
 
@@ -351,6 +378,7 @@ class Runner:
         (batch, samples) array, at `sampling_rate` (resampled to the checkpoint's rate when different).
         `batch_mode`: "per_utterance" (each row exactly as if encoded alone) or "hf" (what transformers'
         feature extractor and encoder give on the zero-padded batch). `embeddings=False` skips the projector.
+        `output_hidden_states`: also every layer's output (`EncodeResult.layer_hidden_states`).
         """
         hf = _batch_mode(batch_mode)
         if self.config.input_dim != self.feature_config.feature_dim:
@@ -361,20 +389,24 @@ class Runner:
         batch = self._waveform_batch(waveforms, sampling_rate, hf)
         with_projector = embeddings and self.projector is not None
         proj_values = self._projector.values() if with_projector else None
-        features, hidden, emb, finite = self._encode(
-            self._encoder.values(), proj_values, *self._split(batch, hf), hf_batch=hf, with_projector=with_projector
+        features, hidden, emb, states, finite = self._encode(
+            self._encoder.values(),
+            proj_values,
+            *self._split(batch, hf),
+            hf_batch=hf,
+            with_projector=with_projector,
+            hidden_states=output_hidden_states,
         )
         b, t = len(batch.frames), int(batch.frames.max())
         _check_finite(np.ones(b, bool), finite[:b], "waveforms", "encoder or projector output")
-        if not with_projector:
-            return EncodeResult(features[:b, :t], hidden[:b, :t], batch.frames)
         pcfg = self.projector_config
         return EncodeResult(
             features[:b, :t],
             hidden[:b, :t],
             batch.frames,
-            emb[:b, : num_audio_embeddings(t, pcfg)],
-            num_audio_embeddings(batch.frames, pcfg),
+            emb[:b, : num_audio_embeddings(t, pcfg)] if with_projector else None,
+            num_audio_embeddings(batch.frames, pcfg) if with_projector else None,
+            states[:, :b, :t] if output_hidden_states else None,
         )
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from granite_jax.modeling import ConformerBlock, GraniteSpeechEncoder, PerFrame
+from granite_jax.modeling import ConformerBlock, EncoderOutput, GraniteSpeechEncoder, PerFrame
 
 
 class TilePlan(NamedTuple):
@@ -92,9 +92,12 @@ class Tiled:
         out = jnp.zeros((b, t, one.shape[-1]), one.dtype)
         return jax.lax.fori_loop(0, b // plan.rows * per_row, tile, out)
 
-    def block(self, block: ConformerBlock, x: Array, valid: Array, after: PerFrame) -> Array:
+    def block(self, block: ConformerBlock, x: Array, valid: Array, after: PerFrame, key: Array | None = None) -> Array:
         """The block and `after` over the tiles. A batch that the tiles do not divide is padded and cut back
-        here (`encode` pads once for all layers instead)."""
+        here (`encode` pads once for all layers instead). Inference only: in train mode BatchNorm would take
+        its statistics per tile."""
+        if not block.conv.batch_norm.use_running_average or key is not None:
+            raise ValueError("tiled execution is for inference (eval mode); train with the Plain or Remat strategy")
         b, t, _ = x.shape
         plan = self.plan(b, t)
         if plan is None:
@@ -157,18 +160,17 @@ def _tiled_time(block: ConformerBlock, x, valid, span: int, after: PerFrame) -> 
     return jax.lax.fori_loop(0, num, convolve_tile, y)
 
 
-def encode(
+def forward(
     model: GraniteSpeechEncoder,
     features: Float[Array, "b t f"],
     valid: Bool[Array, "b t"] | None = None,
     chunk_blocks: int | None = 8,
-) -> Float[Array, "b t w"]:
-    """`model(features, valid)` in tiles of about `chunk_blocks` attention blocks' frames (None: untiled).
-
-    The batch is padded once to whole tiles for all layers, and cut back at the end.
-    """
+    **outputs: bool,
+) -> EncoderOutput:
+    """`model.forward(features, valid, **outputs)` in tiles of about `chunk_blocks` attention blocks' frames
+    (None: untiled). The batch is padded once to whole tiles for all layers, and cut back at the end."""
     if chunk_blocks is None:
-        return model(features, valid)
+        return model.forward(features, valid, **outputs)
     b, t = features.shape[:2]
     if valid is None:
         valid = jnp.ones((b, t), bool)
@@ -178,4 +180,15 @@ def encode(
     if plan is not None:
         extra = ((0, plan.batch - b), (0, plan.frames - t))
         features, valid = jnp.pad(features, extra + ((0, 0),)), jnp.pad(valid, extra)
-    return model(features, valid, strategy=tiled)[:b, :t]
+    out = model.forward(features, valid, strategy=tiled, **outputs)
+    return EncoderOutput(*(None if a is None else a[..., :b, :t, :] for a in out))
+
+
+def encode(
+    model: GraniteSpeechEncoder,
+    features: Float[Array, "b t f"],
+    valid: Bool[Array, "b t"] | None = None,
+    chunk_blocks: int | None = 8,
+) -> Float[Array, "b t w"]:
+    """`model(features, valid)` in tiles of about `chunk_blocks` attention blocks' frames (None: untiled)."""
+    return forward(model, features, valid, chunk_blocks).last_hidden_state

@@ -118,3 +118,31 @@ def test_bfloat16_load_runs_close_to_fp32(tmp_path):
     assert rel_err(np.asarray(got[:1], np.float32), want) < 5e-2
     with pytest.raises(ValueError, match="floating-point dtype"):
         granite_jax.load(tmp_path / "gj", dtype="int32")
+
+
+@pytest.mark.parametrize("name", ["tiny", "one_layer", "plus", "zero_layers"])
+def test_output_hidden_states_match_hf(converted, name):
+    """`output_hidden_states=True`: HF's hidden_states (the input projection, then every block), per row alone
+    when batched with lengths, and through `encode` too, tiled or not."""
+    import torch
+
+    ref, model = converted(name)
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng(4)
+    t = 3 * cfg.context_size + 1
+    x = rng.standard_normal((2, t, cfg.input_dim)).astype(np.float32)
+    lengths = np.array([t, t - cfg.context_size - 1])
+    with torch.no_grad():
+        want = [ref(torch.from_numpy(x[i : i + 1, :n]), output_hidden_states=True) for i, n in enumerate(lengths)]
+    for tiled in (None, 1):
+        m = granite_jax.Runner(model.model, chunk_blocks=tiled)
+        last, states = m.encode_features(x, lengths, output_hidden_states=True)
+        assert states.shape == (cfg.num_layers + 1, 2, t, cfg.hidden_dim)
+        for i, n in enumerate(lengths):
+            hs = want[i].hidden_states  # HF: each block's input, then last_hidden_state; none without blocks
+            assert len(hs) == (cfg.num_layers + 1 if cfg.num_layers else 0)
+            for k, h in enumerate(hs):
+                got = last[i, :n] if k == cfg.num_layers and cfg.is_plus else states[k, i, :n]
+                assert rel_err(got, h[0].numpy()) < TOL, (tiled, i, k)
+            assert rel_err(last[i, :n], want[i].last_hidden_state[0].numpy()) < TOL
+            assert not np.asarray(states[:, i, n:]).any()

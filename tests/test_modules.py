@@ -92,7 +92,9 @@ def test_self_conditioning(pair):
     with torch.no_grad():
         h = _t(x)
         want = (h + ref.out_mid(torch.softmax(ref.out(h), dim=-1))).numpy()
-    assert rel_err(model.self_condition(jnp.asarray(x)), want) < TOL
+        want_logits = ref.out(h).numpy()
+    got, logits = model.self_condition(jnp.asarray(x))
+    assert rel_err(got, want) < TOL and rel_err(logits, want_logits) < TOL
 
 
 def test_padded_frames_do_not_leak_into_the_conv(pair):

@@ -204,3 +204,37 @@ def hf_project(model: Any, hidden_states: Any) -> Any:
 
     with torch.no_grad():
         return model.model.projector(torch.from_numpy(np.asarray(hidden_states, np.float32))).numpy()
+
+
+def hf_ctc_loss(encoder: Any, features: Any, lengths: Any, labels: Any, label_lengths: Any, mid_weight: float = 0.0):
+    """The training loss granite_jax.train.ctc_loss defines, on a torch `GraniteSpeech(Plus)CTCEncoder` in train
+    mode: `F.ctc_loss(log_softmax(out(h)).transpose(0, 1), ..., blank=0, reduction="mean", zero_infinity=True)`
+    on the final hidden states, mixed with the same loss on the self-conditioning layer's `out` logits.
+
+    Runs backward; returns the loss as a float. The caller reads `.grad` and the BatchNorm buffers.
+    """
+    torch, _ = require_torch()
+    import numpy as np
+
+    mids = []
+    hook = encoder.out.register_forward_hook(lambda m, i, o: mids.append(o) if not mids else None)
+    try:
+        h = encoder(torch.as_tensor(np.asarray(features))).last_hidden_state
+    finally:
+        hook.remove()
+    h = h[..., -encoder.config.hidden_dim :]
+    args = (
+        torch.as_tensor(np.asarray(labels), dtype=torch.long),
+        torch.as_tensor(np.asarray(lengths), dtype=torch.long),
+        torch.as_tensor(np.asarray(label_lengths), dtype=torch.long),
+    )
+
+    def ctc(logits):
+        logp = torch.log_softmax(logits, dim=-1).transpose(0, 1)
+        return torch.nn.functional.ctc_loss(logp, *args, blank=0, reduction="mean", zero_infinity=True)
+
+    loss = ctc(encoder.out(h))
+    if mid_weight:
+        loss = (1 - mid_weight) * loss + mid_weight * ctc(mids[0])
+    loss.backward()
+    return float(loss.detach())
