@@ -133,15 +133,44 @@ class DepthWiseConv1d(nnx.Module):
 
     def valid(self, xp: Float[Array, "b t+k-1 c"]) -> Float[Array, "b t c"]:
         """The conv over frames that already carry their `padding` (zeros or neighbouring frames)."""
-        t = xp.shape[1] - (self.kernel_size - 1)
-        w = self.kernel[...].astype(xp.dtype)
+        return depthwise_taps(xp, self.kernel[...].astype(xp.dtype))
 
-        # A loop over the taps, not k slices of one expression: XLA CPU would fuse xp's producer (the GLU)
-        # into every tap and, inside a while loop, run that fusion many times slower (docs/design.md).
-        def tap(j, out):
-            return out + jax.lax.dynamic_slice_in_dim(xp, j, t, axis=1) * w[j]
 
-        return jax.lax.fori_loop(1, self.kernel_size, tap, xp[:, :t] * w[0])
+@jax.custom_vjp
+def depthwise_taps(xp: Float[Array, "b t+k-1 c"], w: Float[Array, "k c"]) -> Float[Array, "b t c"]:
+    """out[:, s] = sum_j xp[:, s + j] * w[j]: a valid depthwise correlation, one tap at a time.
+
+    A loop over the taps, not k slices of one expression: XLA CPU would fuse xp's producer (the GLU) into
+    every tap and, inside a while loop, run that fusion many times slower (docs/design.md). Its own backward
+    pass: the loop's automatic one would store every tap's (b, t, c) slice.
+    """
+    k = w.shape[0]
+    t = xp.shape[1] - (k - 1)
+
+    def tap(j, out):
+        return out + jax.lax.dynamic_slice_in_dim(xp, j, t, axis=1) * w[j]
+
+    return jax.lax.fori_loop(1, k, tap, xp[:, :t] * w[0])
+
+
+def _depthwise_forward(xp, w):
+    return depthwise_taps(xp, w), (xp, w)
+
+
+def _depthwise_backward(residuals, g):
+    xp, w = residuals
+    k, t = w.shape[0], g.shape[1]
+    # d xp[:, s] = sum_j g[:, s - j] w[j]: the same correlation of g padded by k - 1, with the taps reversed
+    dxp = depthwise_taps(jnp.pad(g, ((0, 0), (k - 1, k - 1), (0, 0))), w[::-1])
+
+    def tap(j, dw):  # d w[j] = sum over batch and frames of xp[:, j + s] g[:, s]
+        part = jnp.sum(jax.lax.dynamic_slice_in_dim(xp, j, t, axis=1) * g, axis=(0, 1), dtype=jnp.float32)
+        return jax.lax.dynamic_update_index_in_dim(dw, part.astype(dw.dtype), j, 0)
+
+    return dxp, jax.lax.fori_loop(0, k, tap, jnp.zeros_like(w))
+
+
+depthwise_taps.defvjp(_depthwise_forward, _depthwise_backward)
 
 
 class ConvModule(nnx.Module):

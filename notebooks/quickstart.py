@@ -142,24 +142,24 @@ for i, (name, w) in enumerate(waves.items()):
 # %% [markdown]
 # ## 6. Inside the encoder
 # The NNX module mirrors the torch tree, with the 16 blocks stacked into one (a leading layer axis, so that
-# the encoder compiles one block and `lax.scan`s it). `enc.layer(i)` gives block i as a module of its own,
-# so probing is plain Python: run the blocks one by one.
+# the encoder compiles one block and `lax.scan`s it). `output_hidden_states=True` returns every layer's
+# output, as HF's `output_hidden_states` does (the input projection, then each block), and `enc.layer(i)`
+# gives block i as a module of its own, so probing is plain Python.
 
 # %%
 import jax.numpy as jnp  # noqa: E402
 
 enc = model.model
-x = features[:1, :n]
-valid = jnp.ones(x.shape[:2], bool)
-pad = -x.shape[1] % cfg.context_size
-xp, vp = jnp.pad(x, ((0, 0), (0, pad), (0, 0))), jnp.pad(valid, ((0, 0), (0, pad)))
-h = enc.input_linear(xp)
-norms = []
+_, states = model.encode_features(features[:1, :n], output_hidden_states=True)
+norms = [np.linalg.norm(np.asarray(states[i, 0]), axis=-1) for i in range(1, cfg.num_layers + 1)]
+# the same, block by block: run block i on the previous one's output (with the self-conditioning)
+h = enc.input_linear(features[:1, :n])
+valid = jnp.ones(h.shape[:2], bool)
 for i in range(1, cfg.num_layers + 1):
-    h = enc.layer(i - 1)(h, vp)
+    h = enc.layer(i - 1)(h, valid)
     if i == cfg.self_conditioning_layer:
-        h = enc.self_condition(h)
-    norms.append(np.linalg.norm(np.asarray(h[0, : x.shape[1]]), axis=-1))
+        h, _ = enc.self_condition(h)
+print("block by block equals output_hidden_states:", float(jnp.abs(h - states[-1]).max()))
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
 im = axes[0].imshow(np.asarray(result.hidden_states[0, :n, :128]).T, aspect="auto", origin="lower", cmap="magma")

@@ -8,7 +8,6 @@ Usage: python scripts/make_clips.py [--out DIR]   (needs espeak-ng on PATH, soun
 from __future__ import annotations
 
 import argparse
-import io
 import pathlib
 import shutil
 import subprocess
@@ -28,15 +27,9 @@ OUT = pathlib.Path(__file__).resolve().parent.parent / "granite_jax" / "data" / 
 
 def synthesize(voice: str, speed: int, text: str) -> np.ndarray:
     """espeak-ng -> int16 mono samples at SAMPLING_RATE."""
-    import soundfile as sf
+    from granite_jax.testing.speech import espeak
 
-    from granite_jax.audio import resample
-
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text], check=True, capture_output=True
-    ).stdout
-    x, sr = sf.read(io.BytesIO(wav), dtype="float32")
-    y = resample(x, sr, SAMPLING_RATE)
+    y = espeak(text, voice, speed)
     return np.clip(np.round(y * 32768.0), -32768, 32767).astype(np.int16)
 
 

@@ -25,6 +25,11 @@ def test_paired_ipynb_matches(path):
 def test_notebook_executes(path, monkeypatch, tmp_path):
     from nbclient import NotebookClient
 
+    from granite_jax.testing.speech import have_espeak
+
+    if path.stem == "finetune" and not have_espeak():
+        pytest.skip("needs espeak-ng (apt-get install espeak-ng) for its corpus")
+
     monkeypatch.setenv("GRANITE_JAX_NOTEBOOK_SMALL", "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, so plots are outputs
     nb = jupytext.read(path)
