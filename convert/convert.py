@@ -11,14 +11,22 @@ import numpy as np
 
 from granite_jax import checkpoint
 from granite_jax.checkpoint import Converted
-from granite_jax.config import ConfigError, EncoderConfig, FeatureConfig, ProjectorConfig
-from granite_jax.convert.key_map import PROJECTOR_KEYS, ConversionError, hf_to_flax
+from granite_jax.config import (
+    ConfigError,
+    EncoderConfig,
+    FeatureConfig,
+    ProjectorConfig,
+    Speech5Config,
+    Speech5FeatureConfig,
+    is_speech5,
+)
+from granite_jax.convert.key_map import PROJECTOR_KEYS, SPEECH5_KEYS, ConversionError, hf_to_flax
 from granite_jax.convert.sources import open_hf_checkpoint
 from granite_jax.modeling import abstract_params
 from granite_jax.projector import abstract_projector_params
 
-# 2: full checkpoints also convert the projector; 3: preprocessor_config.json is carried over
-CONVERTER_VERSION = "3"
+# 2: full checkpoints also convert the projector; 3: preprocessor_config.json is carried over; 4: Granite Speech 5
+CONVERTER_VERSION = "4"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -46,6 +54,8 @@ def convert_hf(src: str, *, dtype: str = "float32", progress: bool = False, revi
     """
     target = _np_dtype(dtype)
     with open_hf_checkpoint(src, revision=revision) as ckpt:
+        if is_speech5(ckpt.config):
+            return _convert_speech5(src, ckpt, dtype, target, progress)
         try:
             config = EncoderConfig.from_hf_config(ckpt.config)
             pcfg = ProjectorConfig.from_hf_config(ckpt.config)
@@ -100,6 +110,66 @@ def convert_hf(src: str, *, dtype: str = "float32", progress: bool = False, revi
     return Converted(config, params, provenance, pcfg, projector_params, features)
 
 
+def _convert_speech5(src: str, ckpt, dtype: str, target: np.dtype, progress: bool) -> Converted:
+    """The Granite Speech 5 branch of `convert_hf`: the encoder, the CTC head unless tied, the front end's
+    settings and the tokenizer's files."""
+    from granite_jax import speech5
+
+    try:
+        config = Speech5Config.from_hf_config(ckpt.config)
+    except ConfigError as e:
+        raise ConversionError(f"{ckpt.config_path}: {e}") from None
+    try:
+        features = (
+            Speech5FeatureConfig(num_mel_bins=config.num_mel_bins)
+            if ckpt.feature_config is None
+            else Speech5FeatureConfig.from_hf_config(ckpt.feature_config)
+        )
+    except ConfigError as e:
+        raise ConversionError(f"{ckpt.feature_config_path}: {e}") from None
+    if features.num_mel_bins != config.num_mel_bins:
+        raise ConversionError(
+            f"{ckpt.feature_config_path}: num_mel_bins {features.num_mel_bins} differs from the encoder's "
+            f"{config.num_mel_bins}"
+        )
+    keys = list(ckpt.encoder_keys)
+    head = [k for k in ckpt.extra_keys if k.startswith("ctc_head.")]
+    if config.tie_word_embeddings:  # the head is encoder.out; a saved copy must agree with it
+        for key in head:
+            if not np.array_equal(ckpt.read_full(key), ckpt.read(key.replace("ctc_head.", "out."))):
+                raise ConversionError(
+                    f"{src}: {key} differs from encoder.{key.replace('ctc_head.', 'out.')} although "
+                    "tie_word_embeddings is set (transformers would tie them)"
+                )
+    else:
+        keys += head
+
+    def read(key: str) -> np.ndarray:
+        return ckpt.read_full(key) if key.startswith("ctc_head.") else ckpt.read(key)
+
+    bar = None
+    if progress and len(ckpt.needed_files) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(keys), unit="tensor", desc=f"reading {len(ckpt.needed_files)} shards")
+    try:
+        expected = _expected(speech5.abstract_params(config), target)
+        params = hf_to_flax(keys, read, expected, table=SPEECH5_KEYS, on_tensor=bar and (lambda _: bar.update()))
+    finally:
+        if bar is not None:
+            bar.close()
+    provenance = {
+        "source": os.path.abspath(src) if os.path.exists(src) else src,
+        "source_prefix": ckpt.prefix,
+        "source_dtype": str(ckpt.read("input_linear.bias").dtype),
+        "dtype": dtype,
+        "converter_version": CONVERTER_VERSION,
+        "feature_config_source": "defaults" if ckpt.feature_config is None else "preprocessor_config.json",
+        "model": "granite_speech5",
+    }
+    return Converted(config, params, provenance, None, None, features, dict(ckpt.files))
+
+
 def check_source_and_destination(src: str, dst: str) -> None:
     """Refuse a DST that is SRC, holds SRC or lies inside it (whatever --overwrite says): the conversion would
     replace or corrupt the Hugging Face checkpoint it reads."""
@@ -136,5 +206,6 @@ def convert_checkpoint(
         projector_config=conv.projector_config,
         projector_params=conv.projector_params,
         feature_config=conv.feature_config,
+        files=conv.files,
     )
     return conv.provenance

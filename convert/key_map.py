@@ -108,6 +108,39 @@ PROJECTOR_KEY_TABLE: tuple[tuple[str, str, Transform], ...] = (
 )
 
 
+# Granite Speech 5 (`GraniteSpeech5ForCTC`): keys relative to `encoder.`, and `ctc_head.*` beside it when the
+# head is not tied to `out`. Every Linear is weight -> kernel (transposed); the depthwise conv's weight is the
+# module's `depthwise_conv` kernel itself.
+_SPEECH5_GROUPS = {
+    "i": r"\d+",
+    "lin": r"input_linear|out|out_mid|ctc_head",
+    "ff": r"feed_forward1|feed_forward2",
+    "fl": r"linear1|linear2",
+    "proj": r"q_proj|k_proj|v_proj|o_proj",
+    "pw": r"pointwise_lin1|pointwise_lin2",
+    "ln": r"norm_feed_forward1|norm_self_att|norm_conv|norm_feed_forward2|norm_out",
+}
+SPEECH5_KEY_TABLE: tuple[tuple[str, str, Transform], ...] = (
+    ("{lin}.weight", "{lin}.kernel", LINEAR),
+    ("{lin}.bias", "{lin}.bias", IDENTITY),
+    ("layers.{i}.{ff}.{fl}.weight", "layers.{i}.{ff}.{fl}.kernel", LINEAR),
+    ("layers.{i}.{ff}.{fl}.bias", "layers.{i}.{ff}.{fl}.bias", IDENTITY),
+    ("layers.{i}.self_attn.{proj}.weight", "layers.{i}.self_attn.{proj}.kernel", LINEAR),
+    ("layers.{i}.self_attn.o_proj.bias", "layers.{i}.self_attn.o_proj.bias", IDENTITY),
+    ("layers.{i}.self_attn.rel_pos_emb.weight", "layers.{i}.self_attn.rel_pos_emb.embedding", IDENTITY),
+    ("layers.{i}.conv.{pw}.weight", "layers.{i}.conv.{pw}.kernel", LINEAR),
+    ("layers.{i}.conv.{pw}.bias", "layers.{i}.conv.{pw}.bias", IDENTITY),
+    ("layers.{i}.conv.depthwise_conv.weight", "layers.{i}.conv.depthwise_conv", DEPTHWISE_CONV),
+    ("layers.{i}.conv.norm.weight", "layers.{i}.conv.norm.scale", IDENTITY),
+    ("layers.{i}.conv.norm.bias", "layers.{i}.conv.norm.bias", IDENTITY),
+    ("layers.{i}.conv.norm.running_mean", "layers.{i}.conv.norm.mean", IDENTITY),
+    ("layers.{i}.conv.norm.running_var", "layers.{i}.conv.norm.var", IDENTITY),
+    ("layers.{i}.conv.norm.num_batches_tracked", "layers.{i}.conv.norm.num_batches_tracked", COUNTER),
+    ("layers.{i}.{ln}.weight", "layers.{i}.{ln}.scale", IDENTITY),
+    ("layers.{i}.{ln}.bias", "layers.{i}.{ln}.bias", IDENTITY),
+)
+
+
 def _compile(template: str, groups: Mapping[str, str]) -> re.Pattern:
     parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
     return re.compile("".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{groups[p]})" for k, p in enumerate(parts)))
@@ -147,6 +180,7 @@ class KeyTable:
 
 ENCODER_KEYS = KeyTable("encoder", KEY_TABLE, _GROUPS)
 PROJECTOR_KEYS = KeyTable("projector", PROJECTOR_KEY_TABLE, _PROJECTOR_GROUPS)
+SPEECH5_KEYS = KeyTable("Granite Speech 5 encoder", SPEECH5_KEY_TABLE, _SPEECH5_GROUPS)
 
 
 def map_key(source_key: str) -> tuple[str, Transform] | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from granite_jax.config import ConfigError, has_projector, read_hf_config
+from granite_jax.config import ConfigError, has_projector, is_speech5, read_hf_config
 from granite_jax.convert.key_map import ConversionError
 from granite_jax.safetensors_file import SafetensorsFile
 
@@ -25,6 +25,8 @@ from granite_jax.safetensors_file import SafetensorsFile
 # in-memory layout is `model.encoder.`; a bare GraniteSpeechCTCEncoder has none.
 ENCODER_PREFIXES = ("model.encoder.", "encoder.")
 FEATURE_CONFIG_FILE = "preprocessor_config.json"
+SPEECH5_HEAD = "ctc_head."  # GraniteSpeech5ForCTC's head, beside `encoder.` (absent when tied to encoder.out)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -47,6 +49,8 @@ class HFCheckpoint:
     projector_prefix: str | None = None
     feature_config: dict[str, Any] | None = None  # preprocessor_config.json, when the checkpoint has one
     directory: str = ""
+    extra_keys: list[str] = field(default_factory=list)  # full keys read beside the encoder (ctc_head.*)
+    files: dict[str, str] = field(default_factory=dict)  # files copied into the conversion (the tokenizer)
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
     _torch_state: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -80,9 +84,14 @@ class HFCheckpoint:
 
     @property
     def needed_files(self) -> list[str]:
-        """The weight files holding encoder or projector tensors: the only ones ever opened."""
+        """The weight files holding encoder, projector or extra tensors: the only ones ever opened."""
         projector = {self.weight_map[self.projector_prefix + k] for k in self.projector_keys}
-        return sorted(set(self.encoder_files) | projector)
+        extra = {self.weight_map[k] for k in self.extra_keys}
+        return sorted(set(self.encoder_files) | projector | extra)
+
+    def read_full(self, key: str) -> np.ndarray:
+        """A tensor by its full name (one of `extra_keys`)."""
+        return self._read_full(key)
 
     def read(self, key: str) -> np.ndarray:
         """One encoder tensor (relative name) as a numpy array in its stored dtype."""
@@ -231,6 +240,11 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
     features_path = os.path.join(directory, FEATURE_CONFIG_FILE)
     if os.path.exists(features_path):
         features = _read_json(features_path)
+    speech5 = is_speech5(config)
+    extra = sorted(k for k in weight_map if k.startswith(SPEECH5_HEAD)) if speech5 else []
+    files = {}
+    if speech5:
+        files = {n: os.path.join(directory, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, n))}
     ckpt = HFCheckpoint(
         source=src,
         config=config,
@@ -239,6 +253,8 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
         projector_prefix=projector_prefix_for(prefix) if has_projector(config) else None,
         feature_config=features,
         directory=directory,
+        extra_keys=extra,
+        files=files,
     )
     # Only the shards holding encoder (and projector) tensors must be present (a hub download fetches just those).
     missing = [os.path.basename(f) for f in ckpt.needed_files if not os.path.exists(f)]
@@ -247,6 +263,13 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
             f"{directory}: the index names encoder or projector shards that are not there: {', '.join(missing)}"
         )
     return ckpt
+
+
+def _wanted_prefixes(config: dict, prefix: str) -> tuple[str, ...]:
+    """The key prefixes a conversion reads: the encoder's, and the projector's or the CTC head's."""
+    if has_projector(config):
+        return (prefix, projector_prefix_for(prefix))
+    return (prefix, SPEECH5_HEAD) if is_speech5(config) else (prefix,)
 
 
 def _hub_reachable(timeout: float = 3.0) -> str | None:
@@ -283,8 +306,10 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
             return hf_hub_download(repo_id, name, revision=revision, local_files_only=local_only)
 
         config_path = get("config.json")
-        with contextlib.suppress(EntryNotFoundError):  # optional: the defaults without it
-            get(FEATURE_CONFIG_FILE)
+        optional = (FEATURE_CONFIG_FILE,) + (TOKENIZER_FILES if is_speech5(_read_json(config_path)) else ())
+        for name in optional:  # the defaults (or no tokenizer) without them
+            with contextlib.suppress(EntryNotFoundError):
+                get(name)
         try:
             index_path = get("model.safetensors.index.json")
         except EntryNotFoundError:
@@ -292,8 +317,7 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
         else:
             weight_map = _read_index(index_path)
             prefix = _find_prefix(weight_map, repo_id)
-            config = _read_json(config_path)
-            wanted = (prefix, projector_prefix_for(prefix)) if has_projector(config) else (prefix,)
+            wanted = _wanted_prefixes(_read_json(config_path), prefix)
             for shard in sorted({v for k, v in weight_map.items() if k.startswith(wanted)}):
                 get(shard)
         return os.path.dirname(config_path)
@@ -326,12 +350,17 @@ def _cache_has_all(repo_id: str, revision: str | None) -> bool:
     config, features, index = (known(n) for n in ("config.json", FEATURE_CONFIG_FILE, "model.safetensors.index.json"))
     if not config or features is None or index is None:
         return False
+    try:
+        if is_speech5(_read_json(config)) and any(known(n) is None for n in TOKENIZER_FILES):
+            return False
+    except ConversionError:
+        return False
     if index is False:
         return isinstance(known("model.safetensors"), str)
     try:
         weight_map = _read_index(index)
         prefix = _find_prefix(weight_map, repo_id)
-        wanted = (prefix, projector_prefix_for(prefix)) if has_projector(_read_json(config)) else (prefix,)
+        wanted = _wanted_prefixes(_read_json(config), prefix)
     except ConversionError:
         return False
     return all(isinstance(known(v), str) for v in {v for k, v in weight_map.items() if k.startswith(wanted)})

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -25,7 +26,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from granite_jax import atomic
-from granite_jax.config import ConfigError, EncoderConfig, FeatureConfig, ProjectorConfig, read_hf_config
+from granite_jax.config import (
+    ConfigError,
+    EncoderConfig,
+    FeatureConfig,
+    ProjectorConfig,
+    Speech5Config,
+    Speech5FeatureConfig,
+    is_speech5,
+    read_hf_config,
+)
 from granite_jax.safetensors_file import SafetensorsFile
 
 FORMAT_VERSION = 1
@@ -35,6 +45,7 @@ PARAMS_FILE = "params.safetensors"
 FEATURE_CONFIG_FILE = "preprocessor_config.json"
 META_FILE = "granite_jax.json"
 PROJECTOR_PREFIX = "projector."  # the projector's NNX paths in params.safetensors
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # Speech 5
 
 
 class Converted(NamedTuple):
@@ -49,7 +60,8 @@ class Converted(NamedTuple):
     provenance: dict[str, Any]
     projector_config: ProjectorConfig | None = None
     projector_params: Mapping[str, np.ndarray] | None = None
-    feature_config: FeatureConfig = FeatureConfig()
+    feature_config: FeatureConfig | Speech5FeatureConfig = FeatureConfig()
+    files: Mapping[str, str] = {}  # name -> path of files carried along (Speech 5: the tokenizer's)
 
 
 class CheckpointError(ValueError):
@@ -70,7 +82,8 @@ def save(
     overwrite: bool = False,
     projector_config: ProjectorConfig | None = None,
     projector_params: Mapping[str, np.ndarray] | None = None,
-    feature_config: FeatureConfig = FeatureConfig(),
+    feature_config: FeatureConfig | Speech5FeatureConfig = FeatureConfig(),
+    files: Mapping[str, str] | None = None,
 ) -> None:
     """Write a checkpoint directory atomically (temp dir + rename); refuse to replace one unless `overwrite`
     (and then only a granite_jax checkpoint: see `check_destination`). Permissions follow the umask.
@@ -91,7 +104,12 @@ def save(
         if projector_config is not None:
             _write_json(os.path.join(tmp, PROJECTOR_CONFIG_FILE), projector_config.to_hf_dict())
             arrays.update({PROJECTOR_PREFIX + k: np.require(v, requirements="C") for k, v in projector_params.items()})
-        _write_json(os.path.join(tmp, FEATURE_CONFIG_FILE), feature_config.to_hf_dict(projector_config))
+        if isinstance(feature_config, Speech5FeatureConfig):
+            _write_json(os.path.join(tmp, FEATURE_CONFIG_FILE), feature_config.to_hf_dict())
+        else:
+            _write_json(os.path.join(tmp, FEATURE_CONFIG_FILE), feature_config.to_hf_dict(projector_config))
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, os.path.join(tmp, name))
         save_file(arrays, os.path.join(tmp, PARAMS_FILE), metadata={"format": "granite_jax"})
         meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         meta.update(provenance)
@@ -155,7 +173,7 @@ def _read_config(cls, path: str, name: str):
     """`cls.from_hf_config` of the checkpoint's file `name`, its errors naming the file."""
     file = os.path.join(path, name)
     try:
-        return cls.from_hf_config(file)
+        return read_hf_config(file, name) if cls is None else cls.from_hf_config(file)
     except ConfigError as e:
         raise CheckpointError(f"{file}: {e}" if file not in str(e) else str(e)) from None
 
@@ -174,7 +192,9 @@ def load(path: str | os.PathLike) -> Converted:
         raise CheckpointError(
             f"{path} has format_version {meta.get('format_version')!r}; this granite_jax reads {FORMAT_VERSION}"
         )
-    config = _read_config(EncoderConfig, path, CONFIG_FILE)
+    raw = _read_config(None, path, CONFIG_FILE)
+    speech5 = is_speech5(raw)
+    config = _read_config(Speech5Config if speech5 else EncoderConfig, path, CONFIG_FILE)
     file = SafetensorsFile(os.path.join(path, PARAMS_FILE))
     params = LazyParams(file, exclude=PROJECTOR_PREFIX)
     projector_config = projector_params = None
@@ -185,7 +205,9 @@ def load(path: str | os.PathLike) -> Converted:
         projector_params = LazyParams(file, prefix=PROJECTOR_PREFIX)
     elif any(name.startswith(PROJECTOR_PREFIX) for name in file):
         raise CheckpointError(f"{path} has projector parameters but no {PROJECTOR_CONFIG_FILE}")
-    feature_config = FeatureConfig()
+    features = Speech5FeatureConfig if speech5 else FeatureConfig
+    feature_config = features(num_mel_bins=config.num_mel_bins) if speech5 else FeatureConfig()
     if os.path.exists(os.path.join(path, FEATURE_CONFIG_FILE)):
-        feature_config = _read_config(FeatureConfig, path, FEATURE_CONFIG_FILE)
-    return Converted(config, params, meta, projector_config, projector_params, feature_config)
+        feature_config = _read_config(features, path, FEATURE_CONFIG_FILE)
+    files = {n: os.path.join(path, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))}
+    return Converted(config, params, meta, projector_config, projector_params, feature_config, files)

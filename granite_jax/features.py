@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from granite_jax.buckets import ladder_frames, pad_rows, samples_for_frames
-from granite_jax.config import FeatureConfig
+from granite_jax.config import FeatureConfig, Speech5FeatureConfig
 from granite_jax.inputs import check_float_samples, waveform_rows
 
 BatchMode = Literal["per_utterance", "hf"]
@@ -64,7 +64,7 @@ def num_encoder_frames(num_samples, cfg: FeatureConfig = FeatureConfig()):
     return num_mel_frames(num_samples, cfg) // 2
 
 
-def min_samples(cfg: FeatureConfig = FeatureConfig()) -> int:
+def min_samples(cfg: FeatureConfig | Speech5FeatureConfig = FeatureConfig()) -> int:
     """The shortest waveform accepted: torch's reflect padding needs n > n_fft // 2, and one encoder frame n >= hop."""
     return max(cfg.n_fft // 2 + 1, cfg.hop_length)
 
@@ -74,21 +74,59 @@ def max_amplitude(cfg: FeatureConfig = FeatureConfig()) -> float:
 
     A frame's power per mel bin is at most (filterbank column sum) x (window sum x peak)^2.
     """
+    cfg = cfg.mel() if isinstance(cfg, Speech5FeatureConfig) else cfg
     window_sum = float(_hann(cfg.win_length).astype(np.float64).sum())
     filter_sum = float(_mel_filterbank(cfg).astype(np.float64).sum(axis=0).max())
     return math.sqrt(float(np.finfo(np.float32).max) / (filter_sum * window_sum**2)) / 4
 
 
-def check_num_samples(num_samples: int, cfg: FeatureConfig = FeatureConfig(), what: str = "waveform") -> None:
-    """Raise ValueError when a waveform of `num_samples` is too short for the extractor."""
-    if num_samples < min_samples(cfg):
+def check_num_samples(
+    num_samples: int, cfg: FeatureConfig = FeatureConfig(), what: str = "waveform", minimum: int | None = None
+) -> None:
+    """Raise ValueError when a waveform of `num_samples` is too short (`minimum`, or `min_samples(cfg)`)."""
+    least = min_samples(cfg) if minimum is None else minimum
+    if num_samples < least:
         raise ValueError(
-            f"{what} has {num_samples} samples; the feature extractor needs at least {min_samples(cfg)} "
-            f"({min_samples(cfg) / cfg.sampling_rate * 1000:.1f} ms at {cfg.sampling_rate} Hz)"
+            f"{what} has {num_samples} samples; the feature extractor needs at least {least} "
+            f"({least / cfg.sampling_rate * 1000:.1f} ms at {cfg.sampling_rate} Hz)"
         )
 
 
 MEL_CHUNK_FRAMES = 16384  # mel frames (10 ms each) whose frame matrix and spectrum are held at once: ~130 MB
+
+
+def mel_power(x: jax.Array, lens: jax.Array, frames: int, cfg: FeatureConfig) -> jax.Array:
+    """(B, frames, n_mels) mel power of the first `frames` STFT frames of each row, as torchaudio's
+    `MelSpectrogram(center=True)` computes it on that row alone: reflect-padded at its start and at its own
+    end `lens[i]` (B, 1). The buffer must hold each row's samples up to its length; what follows is ignored.
+
+    The (frames, win_length) frame matrix and its spectrum are worked through `MEL_CHUNK_FRAMES` at a time.
+    """
+    batch, n = x.shape
+    hop, win, n_fft = cfg.hop_length, cfg.win_length, cfg.n_fft
+    # Frame t covers samples [t * hop + off, t * hop + off + win) of the reflect-padded row: torch.stft pads
+    # n_fft // 2 on the left and centres the window in n_fft. |rfft| does not see where in n_fft the window sits.
+    off = (n_fft - win) // 2 - n_fft // 2
+    k = -(-win // hop)  # hop-sized blocks a frame spans
+
+    def mel_frames(first: jax.Array | int, count: int) -> jax.Array:  # (B, count, n_mels) from frame `first`
+        j = first * hop + jnp.arange((count + k - 1) * hop, dtype=jnp.int32)[None, :] + off
+        j = jnp.abs(j)  # reflect at the start (no edge repeat)
+        j = jnp.where(j >= lens, 2 * (lens - 1) - j, j)  # reflect at each row's own end
+        j = jnp.clip(j, 0, n - 1)  # only frames past a row's length reach here; they are masked later
+        signal = jnp.take_along_axis(x, j, axis=1, mode="clip")
+        blocks = signal.reshape(batch, count + k - 1, hop)
+        framed = jnp.concatenate([blocks[:, i : i + count] for i in range(k)], axis=-1)[..., :win]
+        spec = jnp.fft.rfft(framed * _hann(win), n=n_fft, axis=-1)
+        power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
+        return jnp.matmul(power, _mel_filterbank(cfg), precision=jax.lax.Precision.HIGHEST)
+
+    if batch * frames <= MEL_CHUNK_FRAMES:
+        return mel_frames(0, frames)
+    count = max(1, MEL_CHUNK_FRAMES // batch)  # long audio: chunk by chunk (~8 KB of spectrum a frame)
+    chunks = -(-frames // count)
+    mel = jax.lax.map(lambda i: mel_frames(i * count, count), jnp.arange(chunks))  # (chunks, B, count, m)
+    return jnp.moveaxis(mel, 0, 1).reshape(batch, chunks * count, -1)[:, :frames]
 
 
 def log_mel(
@@ -112,37 +150,11 @@ def log_mel(
     if x.ndim != 2:
         raise ValueError(f"log_mel expects (batch, samples) waveforms, got shape {x.shape}")
     batch, n = x.shape
-    hop, win, n_fft = cfg.hop_length, cfg.win_length, cfg.n_fft
-    frames = 1 + n // hop  # mel frames of the padded batch
+    frames = 1 + n // cfg.hop_length  # mel frames of the padded batch
     lens = jnp.asarray(lengths, jnp.int32).reshape(batch, 1)
     if hf_batch:
         lens = jnp.broadcast_to(jnp.max(lens), (batch, 1))
-
-    # Frame t covers samples [t * hop + off, t * hop + off + win) of the reflect-padded row: torch.stft pads
-    # n_fft // 2 on the left and centres the window in n_fft. |rfft| does not see where in n_fft the window sits.
-    off = (n_fft - win) // 2 - n_fft // 2
-    k = -(-win // hop)  # hop-sized blocks a frame spans
-
-    def mel_frames(first: jax.Array | int, count: int) -> jax.Array:  # (B, count, n_mels) from frame `first`
-        j = first * hop + jnp.arange((count + k - 1) * hop, dtype=jnp.int32)[None, :] + off
-        j = jnp.abs(j)  # reflect at the start (no edge repeat)
-        j = jnp.where(j >= lens, 2 * (lens - 1) - j, j)  # reflect at each row's own end
-        j = jnp.clip(j, 0, n - 1)  # only frames past a row's length reach here; they are masked below
-        signal = jnp.take_along_axis(x, j, axis=1, mode="clip")
-        blocks = signal.reshape(batch, count + k - 1, hop)
-        framed = jnp.concatenate([blocks[:, i : i + count] for i in range(k)], axis=-1)[..., :win]
-        spec = jnp.fft.rfft(framed * _hann(win), n=n_fft, axis=-1)
-        power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
-        return jnp.matmul(power, _mel_filterbank(cfg), precision=jax.lax.Precision.HIGHEST)
-
-    if batch * frames <= MEL_CHUNK_FRAMES:
-        mel = mel_frames(0, frames)
-    else:  # long audio: the frame matrix and its spectrum (~8 KB a frame) chunk by chunk
-        count = max(1, MEL_CHUNK_FRAMES // batch)
-        chunks = -(-frames // count)
-        mel = jax.lax.map(lambda i: mel_frames(i * count, count), jnp.arange(chunks))  # (chunks, B, count, m)
-        mel = jnp.moveaxis(mel, 0, 1).reshape(batch, chunks * count, -1)[:, :frames]
-
+    mel = mel_power(x, lens, frames, cfg)
     logmel = jnp.log10(jnp.maximum(mel, 1e-10))
     valid = jnp.arange(frames)[None, :] < num_mel_frames(lens, cfg)  # (B, frames)
     mx = jnp.max(jnp.where(valid[..., None], logmel, -jnp.inf), axis=(1, 2), keepdims=True)
@@ -157,11 +169,60 @@ def log_mel(
 _log_mel_jit = jax.jit(log_mel, static_argnames=("cfg", "hf_batch"))
 
 
+# -- Granite Speech 5 ----------------------------------------------------------------------------------------
+def speech5_frames(num_samples, cfg: Speech5FeatureConfig = Speech5FeatureConfig()):
+    """Encoder input frames of a waveform for Speech 5: ceil((n // hop) / 2) (the last pair filled)."""
+    return -(-(num_samples // cfg.hop_length) // 2)
+
+
+def speech5_features(
+    waveforms: jax.Array,
+    lengths: jax.Array,
+    cfg: Speech5FeatureConfig = Speech5FeatureConfig(),
+    *,
+    hf_batch: bool = False,
+) -> jax.Array:
+    """`GraniteSpeech5FeatureExtractor` in JAX: (B, N) waveforms -> (B, ceil((N // hop) / 2), 4 * n_mels).
+
+    Per row (of `lengths[i]` samples, or the longest with `hf_batch`): n // hop mel frames rounded up to a
+    whole pair, the waveform zero-extended to fill the last one; log10 mel, floored `logmel_floor_db` below
+    the row's maximum, / 4 + 1; torchaudio's `compute_deltas` (its replicated edges at the row's own ends);
+    [log-mel, delta] per frame, frames stacked in pairs. Frames past a row's length are 0.
+    """
+    x = jnp.asarray(waveforms, jnp.float32)
+    batch, n = x.shape
+    hop, mcfg = cfg.hop_length, cfg.mel()
+    lens = jnp.asarray(lengths, jnp.int32).reshape(batch, 1)
+    if hf_batch:
+        lens = jnp.broadcast_to(jnp.max(lens), (batch, 1))
+    rows = 2 * speech5_frames(lens, cfg)  # (B, 1) mel frames each row keeps
+    extended = jnp.maximum(lens, (rows - 1) * hop + 1)  # zero-extended to fill its last pair
+    x = jnp.pad(x, ((0, 0), (0, hop)))  # room for that extension (zeros)
+    frames = 2 * speech5_frames(n, cfg)
+    logmel = jnp.log10(jnp.maximum(mel_power(x, extended, frames, mcfg), 1e-10))  # (B, F, m)
+    t = jnp.arange(frames)[None, :]
+    valid = (t < rows)[..., None]
+    mx = jnp.max(jnp.where(valid, logmel, -jnp.inf), axis=(1, 2), keepdims=True)
+    logmel = jnp.maximum(logmel, mx - cfg.logmel_floor_db) / 4 + 1
+    # compute_deltas: sum_k k (x[t + k] - x[t - k]) / (2 sum_k k^2), the frames replicated past each end
+    half = (cfg.delta_win_length - 1) // 2
+    last = rows - 1
+    delta = jnp.zeros_like(logmel)
+    for k in range(1, half + 1):
+        ahead = jnp.take_along_axis(logmel, jnp.clip(t + k, 0, last)[..., None], axis=1)
+        behind = jnp.take_along_axis(logmel, jnp.clip(t - k, 0, last)[..., None], axis=1)
+        delta = delta + k * (ahead - behind)
+    delta = delta / (2 * sum(k * k for k in range(1, half + 1)))
+    out = jnp.concatenate([logmel, delta], axis=-1).reshape(batch, frames // 2, 4 * cfg.num_mel_bins)
+    return jnp.where((jnp.arange(frames // 2)[None, :] < rows // 2)[..., None], out, 0.0)
+
+
 def prepare_waveforms(
     waveforms: Any,
     sampling_rate: float = 16000,
     cfg: FeatureConfig = FeatureConfig(),
     names: Sequence[str] | None = None,
+    minimum: int | None = None,
 ) -> list[np.ndarray]:
     """Validate and resample -> a list of 1-D float32 numpy arrays at `cfg.sampling_rate`.
 
@@ -189,9 +250,9 @@ def prepare_waveforms(
             from granite_jax.audio import resample
 
             w = resample(w, sampling_rate, cfg.sampling_rate)
-            check_num_samples(w.shape[0], cfg, f"{name} (resampled from {sampling_rate} Hz)")
+            check_num_samples(w.shape[0], cfg, f"{name} (resampled from {sampling_rate} Hz)", minimum)
         else:
-            check_num_samples(w.shape[0], cfg, name)
+            check_num_samples(w.shape[0], cfg, name, minimum)
         out.append(w)
     return out
 
@@ -225,6 +286,8 @@ def extract_features(
 
 __all__ = [
     "extract_features",
+    "speech5_features",
+    "speech5_frames",
     "log_mel",
     "mel_filterbank",
     "min_samples",

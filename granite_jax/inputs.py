@@ -113,16 +113,19 @@ def feature_batch(
     return x, squeeze
 
 
-def lengths(lengths: Any, b: int, t: int, name: str = "lengths") -> np.ndarray:
-    """(b,) int32 valid frames per row, each in [1, t]; all t when None."""
+def lengths(lengths: Any, b: int, t: int, name: str = "lengths", minimum: int = 1) -> np.ndarray:
+    """(b,) int32 valid frames per row, each in [minimum, t]; all t when None."""
+    if t < minimum:
+        raise ValueError(
+            f"this encoder needs at least {minimum} frames per row (each subsampling block halves them); got {t}"
+        )
     if lengths is None:
         return np.full((b,), t, np.int32)
-    lens = as_array(lengths, name)
-    lens = np.asarray(lens)
+    lens = np.asarray(as_array(lengths, name))
     if lens.shape != (b,) or not np.issubdtype(lens.dtype, np.integer):
         raise ValueError(f"{name} must be {b} integers (one per row), got {lengths!r}")
-    if lens.min() < 1 or lens.max() > t:
-        raise ValueError(f"{name} must lie in [1, {t}] (the number of frames), got {lens.tolist()}")
+    if lens.min() < minimum or lens.max() > t:
+        raise ValueError(f"{name} must lie in [{minimum}, {t}] (the number of frames), got {lens.tolist()}")
     return lens.astype(np.int32)
 
 

@@ -78,40 +78,61 @@ class Attention(nnx.Module):
         self, x: Float[Array, "b t d"], valid: Bool[Array, "b t"], key: Array | None = None
     ) -> Float[Array, "b t d"]:
         """Any T: the projections run on the T frames, the block-local core on T padded to whole blocks."""
-        b, t, _ = x.shape
-        c, h = self.context_size, self.num_heads
-        n = -(-t // c)
-        pad = ((0, 0), (0, n * c - t), (0, 0))
         # Padded frames are zero after the norm, exactly as the reference's F.pad of normalised states.
         x = masked(self.pre_norm(x), valid)
-        q = jnp.pad(self.to_q(x), pad).reshape(b, n, c, h, -1)
-        k, v = jnp.split(jnp.pad(self.to_kv(x), pad), 2, axis=-1)
-        k = k.reshape(b, n, c, h, -1)
-        v = v.reshape(b, n, c, h, -1)
-        logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q, k) + self.relative_logits(q)  # (b n h c c)
-        logits = logits.astype(jnp.float32) * self.dim_head**-0.5
-        key_valid = jnp.pad(valid, pad[:2]).reshape(b, n, 1, 1, c)
-        logits = jnp.where(key_valid, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnhqk,bnkhd->bnqhd", weights, v).reshape(b, n * c, -1)[:, :t]  # (b t h*d)
+        k, v = jnp.split(self.to_kv(x), 2, axis=-1)
+        out = local_attention(self.to_q(x), k, v, valid, self.num_heads, self.context_size, self.relative_logits)
         return self.dropout(self.to_out(out), key)
 
     def relative_logits(self, q: Float[Array, "b n c h d"]) -> Float[Array, "b n h c c"]:
-        """Shaw term q_i . E[clamp(i - j) + max_pos_emb] without gathering a (c, c, dim_head) table.
+        """Shaw term q_i . E[clamp(i - j) + max_pos_emb] (see `shaw_logits`)."""
+        return shaw_logits(q, self.rel_pos_emb.embedding[...], self.max_pos_emb)
 
-        Within a block i - j only takes the 2c - 1 values -(c-1)..c-1, so q meets those table rows in one
-        matmul; then the usual relative shift (pad one column, flatten, re-cut rows of 2c - 1) moves each
-        query's row so that column j holds distance i - j.
-        """
-        b, n, c, h, _ = q.shape
-        r = 2 * c - 1
-        rows = self.max_pos_emb + c - 1 - np.arange(r)  # column s <-> distance c - 1 - s (clamp never binds)
-        table = self.rel_pos_emb.embedding[...][rows].astype(q.dtype)  # (r, d)
-        scores = jnp.einsum("bnqhd,rd->bnhqr", q, table)  # (b n h c r): column s = distance c - 1 - s
-        flat = jnp.pad(scores, ((0, 0),) * 4 + ((0, 1),)).reshape(b, n, h, c * (r + 1))
-        # Query i's distances i - j for j = 0..c-1 sit at columns c - 1 - i + j: a run of c from flat offset
-        # c - 1 + i * r once rows are r + 1 wide.
-        return flat[..., c - 1 : c - 1 + c * r].reshape(b, n, h, c, r)[..., :c]
+
+def local_attention(
+    q: Float[Array, "b t hd"],
+    k: Float[Array, "b t hd"],
+    v: Float[Array, "b t hd"],
+    valid: Bool[Array, "b t"],
+    num_heads: int,
+    context_size: int,
+    relative: Callable[[Array], Array],
+    weights_dropout: Callable[[Array], Array] | None = None,
+) -> Float[Array, "b t hd"]:
+    """Block-local attention: T padded to whole blocks of `context_size`, each frame attending within its block
+    to the valid keys, logits (q.k + relative(q)) / sqrt(head_dim) with the softmax in fp32."""
+    b, t, _ = q.shape
+    c, h = context_size, num_heads
+    n = -(-t // c)
+    pad = ((0, 0), (0, n * c - t), (0, 0))
+    q, k, v = (jnp.pad(a, pad).reshape(b, n, c, h, -1) for a in (q, k, v))
+    logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q, k) + relative(q)  # (b n h c c)
+    logits = logits.astype(jnp.float32) * q.shape[-1] ** -0.5
+    key_valid = jnp.pad(valid, pad[:2]).reshape(b, n, 1, 1, c)
+    logits = jnp.where(key_valid, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if weights_dropout is not None:
+        weights = weights_dropout(weights)
+    return jnp.einsum("bnhqk,bnkhd->bnqhd", weights, v).reshape(b, n * c, -1)[:, :t]  # (b t h*d)
+
+
+def shaw_logits(q: Float[Array, "b n c h d"], embedding: Float[Array, "p d"], max_pos: int) -> Array:
+    """Shaw's relative term q_i . E[clamp(i - j) + max_pos] within each block, without gathering a (c, c, d)
+    table: (b, n, h, c, c).
+
+    Within a block i - j only takes the 2c - 1 values -(c-1)..c-1, so q meets those table rows in one
+    matmul; then the usual relative shift (pad one column, flatten, re-cut rows of 2c - 1) moves each
+    query's row so that column j holds distance i - j.
+    """
+    b, n, c, h, _ = q.shape
+    r = 2 * c - 1
+    rows = max_pos + c - 1 - np.arange(r)  # column s <-> distance c - 1 - s (clamp never binds)
+    table = embedding[rows].astype(q.dtype)  # (r, d)
+    scores = jnp.einsum("bnqhd,rd->bnhqr", q, table)  # (b n h c r): column s = distance c - 1 - s
+    flat = jnp.pad(scores, ((0, 0),) * 4 + ((0, 1),)).reshape(b, n, h, c * (r + 1))
+    # Query i's distances i - j for j = 0..c-1 sit at columns c - 1 - i + j: a run of c from flat offset
+    # c - 1 + i * r once rows are r + 1 wide.
+    return flat[..., c - 1 : c - 1 + c * r].reshape(b, n, h, c, r)[..., :c]
 
 
 class DepthWiseConv1d(nnx.Module):
@@ -271,6 +292,7 @@ class EncoderOutput(NamedTuple):
     last_hidden_state: Array
     hidden_states: Array | None = None
     mid_logits: Array | None = None
+    valid: Array | None = None  # the output frames' mask, where it differs from the input's (Speech 5)
 
 
 class GraniteSpeechEncoder(nnx.Module):
@@ -289,6 +311,10 @@ class GraniteSpeechEncoder(nnx.Module):
         self.layers = stacked_modules(lambda r: ConformerBlock(cfg, rngs=r, **kw), cfg.num_layers, rngs)
         self.out = dense(rngs, cfg.hidden_dim, cfg.output_dim, **kw)
         self.out_mid = dense(rngs, cfg.output_dim, cfg.hidden_dim, **kw)
+
+    def ctc_logits(self, hidden: Float[Array, "b t w"]) -> Float[Array, "b t v"]:
+        """The CTC head: `out` on the final layer's states (for plus, the last hidden_dim channels)."""
+        return self.out(hidden[..., -self.config.hidden_dim :])
 
     def self_condition(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t d"], Float[Array, "b t v"]]:
         """CTC self-conditioning: (x + out_mid(softmax(out(x))), out(x))."""

@@ -7,6 +7,7 @@ per index, `layers.0.attn.to_q.kernel`, ..., as the checkpoints and the referenc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -24,9 +25,26 @@ def path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _names(path: tuple, shape: tuple[int, ...], stacked: str | None) -> Iterator[tuple[str, int | None]]:
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """Stacks kept as a list under one attribute: segment s (path `name.s.…`, leading axis k) is layer
+    `offsets[s] + k`, so that the flat names stay `name.{layer}.…` (Granite Speech 5: subsampling blocks
+    apart from the regular ones)."""
+
+    name: str
+    offsets: tuple[int, ...]
+
+
+Stacking = str | Segments | None
+
+
+def _names(path: tuple, shape: tuple[int, ...], stacked: Stacking) -> Iterator[tuple[str, int | None]]:
     """(flat name, index into the leading axis or None) of each entry a variable stands for."""
-    if stacked is not None and path[:1] == (stacked,):
+    if isinstance(stacked, Segments) and path[:1] == (stacked.name,):
+        first = stacked.offsets[int(path[1])]
+        for i in range(shape[0]):
+            yield path_str((stacked.name, first + i) + tuple(path[2:])), i
+    elif isinstance(stacked, str) and path[:1] == (stacked,):
         for i in range(shape[0]):
             yield path_str((stacked, i) + tuple(path[1:])), i
     else:
@@ -67,7 +85,7 @@ def scan_stacked(stacked: M, body: Callable[[M, Any, Any], Any], carry: Any, xs:
     return carry
 
 
-def abstract_variables(make: Callable[[], nnx.Module], stacked: str | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_variables(make: Callable[[], nnx.Module], stacked: Stacking = None) -> dict[str, jax.ShapeDtypeStruct]:
     """{path: ShapeDtypeStruct} of every variable of the module `make()` builds, nothing allocated."""
     out = {}
     for p, v in nnx.to_flat_state(nnx.state(nnx.eval_shape(make))):
@@ -83,7 +101,7 @@ def module_from_params(
     *,
     consume: bool = False,
     what: str = "",
-    stacked: str | None = None,
+    stacked: Stacking = None,
 ) -> M:
     """The module `make()` builds, with its variables set from `params` (cast to each variable's dtype).
 
@@ -124,7 +142,7 @@ def _set_index(stack: jax.Array, value: jax.Array, i: int) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(stack, value, i, 0)
 
 
-def variables_of(module: nnx.Module, stacked: str | None = None) -> dict[str, np.ndarray]:
+def variables_of(module: nnx.Module, stacked: Stacking = None) -> dict[str, np.ndarray]:
     """The module's variables as a flat {path: numpy array} dict (a stacked variable's entries are views)."""
     out = {}
     for p, v in nnx.to_flat_state(nnx.state(module)):

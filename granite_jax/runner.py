@@ -15,18 +15,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float
 
-from granite_jax import checkpoint, inputs, tiling
-from granite_jax.buckets import BucketPolicy, pad_rows, samples_for_frames
-from granite_jax.config import EncoderConfig, FeatureConfig, ProjectorConfig
+from granite_jax import checkpoint, inputs, speech5
+from granite_jax.buckets import BucketPolicy, pad_rows
+from granite_jax.config import EncoderConfig, FeatureConfig, ProjectorConfig, Speech5Config, Speech5FeatureConfig
 from granite_jax.convert.convert import convert_hf
-from granite_jax.ctc import ctc_greedy_decode
-from granite_jax.devices import AXIS, REPLICATED, ROWS, DeviceSpec, RowMesh, resolve_devices
-from granite_jax.features import log_mel, min_samples, num_encoder_frames, prepare_waveforms
+from granite_jax.ctc import ctc_greedy_decode, ctc_greedy_ids
+from granite_jax.devices import REPLICATED, ROWS, DeviceSpec, RowMesh, resolve_devices
+from granite_jax.families import Granite4, Granite5
+from granite_jax.features import prepare_waveforms
 from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params, masked
 from granite_jax.projector import GraniteSpeechProjector, num_audio_embeddings, projector_from_params
+from granite_jax.speech5 import GraniteSpeech5Encoder
+from granite_jax.tokenizer import CTCTokenizer
 
 BATCH_MODES = ("per_utterance", "hf")
 
@@ -66,8 +68,9 @@ class _Bound:
 class EncodeResult:
     """What `Runner.encode` returns; row i is utterance i, padded to the longest.
 
-    `features` (B, T, 160) log-mel input and `hidden_states` (B, T, output_width) with `lengths` valid
-    frames per row (zeros after); `audio_embeddings` (B, E, llm_hidden_size), the projector output that
+    `features` (B, T, input_dim) front-end output with `feature_lengths` valid frames per row, and
+    `hidden_states` (B, T', output_width) with `lengths` valid frames per row (zeros after; T' = T for 4.x,
+    subsampled for Speech 5); `audio_embeddings` (B, E, llm_hidden_size), the projector output that
     Granite Speech feeds its language model, with `embedding_counts` valid rows each (HF's
     audio_embed_sizes); None when the checkpoint has no projector (or `embeddings=False`).
     """
@@ -77,7 +80,8 @@ class EncodeResult:
     lengths: np.ndarray
     audio_embeddings: jax.Array | None = None
     embedding_counts: np.ndarray | None = None
-    layer_hidden_states: jax.Array | None = None
+    layer_hidden_states: Any = None
+    feature_lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -128,7 +132,8 @@ class Runner:
         model: GraniteSpeechEncoder,
         *,
         projector: GraniteSpeechProjector | None = None,
-        feature_config: FeatureConfig | None = None,
+        feature_config: FeatureConfig | Speech5FeatureConfig | None = None,
+        tokenizer: CTCTokenizer | None = None,
         buckets: str | Sequence[int] | BucketPolicy = "auto",
         chunk_blocks: int | None = 8,
         provenance: dict | None = None,
@@ -138,10 +143,20 @@ class Runner:
         self.rows = RowMesh(devices)
         self.devices, self.mesh = self.rows.devices, self.rows.mesh
         self.model = model
-        self.config: EncoderConfig = model.config
+        self.config: EncoderConfig | Speech5Config = model.config
         self.projector = projector
         self.projector_config: ProjectorConfig | None = projector.config if projector is not None else None
-        self.feature_config = feature_config or FeatureConfig()
+        if isinstance(model, GraniteSpeech5Encoder):
+            if projector is not None:
+                raise ValueError("Granite Speech 5 has no projector")
+            fc = feature_config or Speech5FeatureConfig(num_mel_bins=self.config.num_mel_bins)
+            if tokenizer is not None:
+                tokenizer.check_vocab(self.config.vocab_size, self.config.pad_token_id)
+            self.family = Granite5(fc, self.config, tokenizer)
+        else:
+            self.family = Granite4(feature_config or FeatureConfig(), self.config)
+        self.feature_config = self.family.feature_config
+        self.tokenizer = tokenizer
         self.buckets = BucketPolicy.make(buckets)
         self.chunk_blocks = chunk_blocks
         self.provenance = dict(provenance or {})
@@ -161,32 +176,35 @@ class Runner:
 
     # -- the compiled functions (the body of each runs once per trace: per compiled shape) ---------------
     def _run_encoder(self, values, features, frame_lengths, hidden_states: bool = False):
-        """(last hidden state, per-layer hidden states or None)."""
-        valid = jnp.arange(features.shape[1])[None, :] < frame_lengths[:, None]
-        model = self._encoder.merge(values)
-        if not hidden_states:
-            return tiling.encode(model, features, valid, self.chunk_blocks), None
-        out = tiling.forward(model, features, valid, self.chunk_blocks, hidden_states=True)
-        return out.last_hidden_state, out.hidden_states
-
-    def _log_mel(self, waveforms, sample_lengths, hf_batch: bool):
-        return log_mel(waveforms, sample_lengths, self.feature_config, hf_batch=hf_batch)
+        """(last hidden state, per-layer hidden states or None, the output frames' mask)."""
+        out = self.family.encode(
+            self._encoder.merge(values),
+            features,
+            _valid(frame_lengths, features.shape[1]),
+            self.chunk_blocks,
+            hidden_states,
+        )
+        return out.last_hidden_state, out.hidden_states, out.valid
 
     def _forward_impl(self, values, features, frame_lengths, hidden_states):
         self._traces += 1
 
         def rows(values, features, frame_lengths):
-            valid = _valid(frame_lengths, features.shape[1])
-            hidden, states = self._run_encoder(values, features, frame_lengths, hidden_states)
-            return hidden, states, _finite_rows(features, valid), _finite_rows(hidden, valid)
+            hidden, states, valid = self._run_encoder(values, features, frame_lengths, hidden_states)
+            return (
+                hidden,
+                states,
+                _finite_rows(features, _valid(frame_lengths, features.shape[1])),
+                _finite_rows(hidden, valid),
+            )
 
-        out_specs = (ROWS, PartitionSpec(None, AXIS), ROWS, ROWS)  # per-layer states: rows are axis 1
+        out_specs = (ROWS, self.family.states_spec(ROWS), ROWS, ROWS)
         run = self.rows.per_device(rows, (REPLICATED, ROWS, ROWS), out_specs)
         return run(values, features, frame_lengths)
 
     def _features_impl(self, waveforms, sample_lengths, hf_batch):
         self._traces += 1
-        run = self.rows.per_device(lambda w, n: self._log_mel(w, n, hf_batch), (ROWS, ROWS))
+        run = self.rows.per_device(lambda w, n: self.family.features(w, n, hf_batch), (ROWS, ROWS))
         return run(waveforms, sample_lengths)
 
     def _encode_impl(
@@ -195,9 +213,9 @@ class Runner:
         self._traces += 1
 
         def rows(enc_values, proj_values, waveforms, sample_lengths, frame_lengths):
-            features = self._log_mel(waveforms, sample_lengths, hf_batch).astype(self._compute_dtype)
-            hidden, states = self._run_encoder(enc_values, features, frame_lengths, hidden_states)
-            ok = _finite_rows(hidden, _valid(frame_lengths, hidden.shape[1]))
+            features = self.family.features(waveforms, sample_lengths, hf_batch).astype(self._compute_dtype)
+            hidden, states, valid = self._run_encoder(enc_values, features, frame_lengths, hidden_states)
+            ok = _finite_rows(hidden, valid)
             embeddings = None
             if with_projector:
                 embeddings = self._projector.merge(proj_values)(hidden)
@@ -205,7 +223,7 @@ class Runner:
                 ok &= _finite_rows(embeddings, _valid(counts, embeddings.shape[1]))
             return features, hidden, embeddings, states, ok
 
-        out_specs = (ROWS, ROWS, ROWS, PartitionSpec(None, AXIS), ROWS)
+        out_specs = (ROWS, ROWS, ROWS, self.family.states_spec(ROWS), ROWS)
         run = self.rows.per_device(rows, (REPLICATED, REPLICATED, ROWS, ROWS, ROWS), out_specs)
         return run(enc_values, proj_values, waveforms, sample_lengths, frame_lengths)
 
@@ -223,9 +241,8 @@ class Runner:
 
     def _ctc_impl(self, values, hidden_states, frame_lengths):
         self._traces += 1
-        final = hidden_states[..., -self.config.hidden_dim :]  # plus: the last layer comes last
         valid = _valid(frame_lengths, hidden_states.shape[1])
-        logits = self._encoder.merge(values).out(final)
+        logits = self.family.ctc_logits(self._encoder.merge(values), hidden_states)
         return logits, _finite_rows(hidden_states, valid), _finite_rows(logits, valid)
 
     @property
@@ -247,36 +264,56 @@ class Runner:
         return self.rows.padded_batch(batch)
 
     # -- features -> hidden states -----------------------------------------------------------------------
+    def output_lengths(self, frames):
+        """Output frames of `frames` input frames (the same for 4.x; halved per subsampling block for 5)."""
+        return self.family.output_lengths(np.asarray(frames)).astype(np.int32)
+
     def encode_features(
         self,
         features: Float[Array, "b t f"] | np.ndarray,
         lengths: Sequence[int] | np.ndarray | None = None,
         *,
         output_hidden_states: bool = False,
-    ) -> Float[Array, "b t w"] | tuple[Float[Array, "b t w"], Float[Array, "l b t d"]]:
-        """Encode log-mel features (B, T, input_dim) -> hidden states (B, T, output_width).
+    ) -> Float[Array, "b t w"] | tuple[Float[Array, "b t w"], Any]:
+        """Encode features (B, T, input_dim) -> hidden states (B, T', output_width), T' = T for 4.x and
+        `output_lengths(T)` for Speech 5.
 
-        Without `lengths`: HF `GraniteSpeechCTCEncoder(features).last_hidden_state` on the same batch.
-        With `lengths` (valid frames per row): row i equals row i encoded alone, unpadded; frames past a
-        row's length are zeros. A 2-D (T, input_dim) input gives a 2-D output. `output_hidden_states`: also
-        return every layer's output, (num_layers + 1, B, T, hidden_dim), as HF's `output_hidden_states`
-        gives them (the input projection, then each block).
+        Without `lengths`: HF's encoder on the same batch (every row T frames long). With `lengths` (valid
+        frames per row): row i equals row i encoded alone, unpadded; frames past a row's (output) length are
+        zeros. A 2-D (T, input_dim) input gives a 2-D output. `output_hidden_states`: also every layer's
+        output, as HF's `output_hidden_states` gives them (the input projection, then each block): stacked,
+        (num_layers + 1, B, T, hidden_dim), for 4.x; a tuple for Speech 5, whose layers differ in length.
         """
         x, squeeze = inputs.feature_batch(features, self.config.input_dim)
         b, t, _ = x.shape
-        lens = inputs.lengths(lengths, b, t)
+        lens = inputs.lengths(lengths, b, t, minimum=self._min_frames())
         x = jnp.pad(jnp.asarray(x, self._compute_dtype), ((0, 0), (0, self.bucket_frames(t) - t), (0, 0)))
         out, states, finite_in, finite_out = self._forward(
             self._encoder.values(),
             self.rows.split_rows(x),
-            self.rows.split_rows(lens, fill=1),
+            self.rows.split_rows(lens, fill=self._min_frames()),
             hidden_states=output_hidden_states,
         )
         _check_finite(finite_in[:b], finite_out[:b], "features", "encoder output")
-        out = out[0, :t] if squeeze else out[:b, :t]
+        to = int(self.output_lengths(t))
+        out = out[0, :to] if squeeze else out[:b, :to]
         if not output_hidden_states:
             return out
-        return out, (states[:, 0, :t] if squeeze else states[:, :b, :t])
+        return out, self._cut_states(states, b, t, squeeze)
+
+    def _min_frames(self) -> int:
+        """The fewest input frames a row may have (Speech 5: every subsampling block needs two)."""
+        return getattr(self.config, "subsampling", 1)
+
+    def _cut_states(self, states, b: int, t: int, squeeze: bool = False):
+        """Per-layer states cut back from the bucket and the padded batch."""
+        if isinstance(self.family, Granite4):
+            return states[:, 0, :t] if squeeze else states[:, :b, :t]
+        lengths, n = [t], t  # Speech 5: the input projection at T, then each block at its resolution
+        for i in range(self.config.num_hidden_layers):
+            n = n // 2 if i in self.config.subsample_layers else n
+            lengths.append(n)
+        return tuple(s[0, :m] if squeeze else s[:b, :m] for s, m in zip(states, lengths, strict=True))
 
     # -- hidden states -> LLM embeddings, CTC --------------------------------------------------------------
     def audio_embeddings(
@@ -307,7 +344,8 @@ class Runner:
         return (emb[0], counts[0]) if squeeze else (emb, counts)
 
     def ctc_logits(self, hidden_states: Float[Array, "b t w"] | np.ndarray) -> Float[Array, "b t v"]:
-        """The CTC head (`out`) on the final layer's hidden states: (B, T, output_dim) logits."""
+        """The CTC head on the final layer's hidden states: (B, T, output_dim) logits (4.x: `out`; Speech 5:
+        `ctc_head`, which is `out` when tied)."""
         h, squeeze = inputs.feature_batch(hidden_states, self.config.output_width, "hidden_states", "output_width")
         b, t = h.shape[:2]
         h = jnp.pad(jnp.asarray(h, self._compute_dtype), ((0, 0), (0, self.bucket_frames(t) - t), (0, 0)))
@@ -325,25 +363,30 @@ class Runner:
     ) -> list[str]:
         """Greedy CTC transcripts of encoder hidden states (see `ctc_greedy_decode`)."""
         ids = jnp.argmax(self.ctc_logits(hidden_states), axis=-1)
-        return ctc_greedy_decode(np.asarray(ids).reshape(-1, ids.shape[-1]), lengths, id_to_text=id_to_text)
+        ids = np.asarray(ids).reshape(-1, ids.shape[-1])
+        if isinstance(self.family, Granite5):  # the tokenizer's CTC decode (id_to_text does not apply)
+            rows = ctc_greedy_ids(ids, lengths, blank=self.config.pad_token_id)
+            return [self.family.decode(r) for r in rows]
+        return ctc_greedy_decode(ids, lengths, id_to_text=id_to_text)
 
     # -- audio -> features, -> everything --------------------------------------------------------------------
     def _waveform_batch(self, waveforms: Any, sampling_rate: float, hf: bool) -> WaveformBatch:
         """Validated waveforms, zero-padded to the largest sample count of their frame bucket."""
-        fc = self.feature_config
-        waves = prepare_waveforms(waveforms, sampling_rate, fc)
+        fam = self.family
+        waves = prepare_waveforms(waveforms, sampling_rate, self.feature_config, minimum=fam.min_samples())
         n = np.array([len(w) for w in waves], np.int32)
-        frames = num_encoder_frames(n, fc).astype(np.int32)
-        samples = pad_rows(waves, samples_for_frames(self.bucket_frames(int(frames.max())), fc.hop_length))
+        frames = np.asarray(fam.frames(n)).astype(np.int32)
+        samples = pad_rows(waves, fam.samples_for_frames(self.bucket_frames(int(frames.max()))))
         # HF mode: every row is as long as the longest (zeros inside)
         return WaveformBatch(samples, np.full_like(n, n.max()) if hf else n, frames)
 
     def _split(self, batch: WaveformBatch, hf: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The batch over the devices. Dummy rows are silence of one frame; in HF mode as long as the others,
         so that each device's own maximum (log_mel's hf_batch) is the batch's."""
-        dummy = int(batch.sample_lengths.max()) if hf else min_samples(self.feature_config)
+        dummy = int(batch.sample_lengths.max()) if hf else self.family.min_samples()
         t = int(batch.frames.max())
-        frames = np.full_like(batch.frames, t) if hf else batch.frames  # HF's encoder sees every frame
+        # HF mode, 4.x: its encoder has no mask and sees every frame; Speech 5's takes the extractor's mask
+        frames = np.full_like(batch.frames, t) if hf and not self.family.masks_padding else batch.frames
         return (
             self.rows.split_rows(batch.samples),
             self.rows.split_rows(batch.sample_lengths, fill=dummy),
@@ -353,7 +396,7 @@ class Runner:
     def extract_features(
         self, waveforms: Any, sampling_rate: float = 16000, *, batch_mode: str = "per_utterance"
     ) -> tuple[jax.Array, np.ndarray]:
-        """The checkpoint's front end: waveforms -> (features (B, T, 2 * n_mels), lengths (B,) int32).
+        """The checkpoint's front end: waveforms -> (features (B, T, input_dim), lengths (B,) int32 frames).
 
         Like `granite_jax.extract_features`, with this checkpoint's feature settings and buckets.
         """
@@ -400,17 +443,48 @@ class Runner:
         b, t = len(batch.frames), int(batch.frames.max())
         _check_finite(np.ones(b, bool), finite[:b], "waveforms", "encoder or projector output")
         pcfg = self.projector_config
+        out_lengths = self.output_lengths(batch.frames)
         return EncodeResult(
             features[:b, :t],
-            hidden[:b, :t],
-            batch.frames,
+            hidden[:b, : int(self.output_lengths(t))],
+            out_lengths,
             emb[:b, : num_audio_embeddings(t, pcfg)] if with_projector else None,
             num_audio_embeddings(batch.frames, pcfg) if with_projector else None,
-            states[:, :b, :t] if output_hidden_states else None,
+            self._cut_states(states, b, t) if output_hidden_states else None,
+            batch.frames,
         )
+
+    def transcribe(
+        self, waveforms_or_paths: Any, sampling_rate: float = 16000, *, batch_mode: str = "per_utterance"
+    ) -> list[str]:
+        """Greedy CTC text of each utterance: waveforms (as `encode` takes them) or audio file paths.
+
+        Speech 5: equal to `processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)`.
+        4.x: the CTC head's greedy characters (`chr(id)`), which the released models train as an auxiliary
+        head (their transcripts come from the language model).
+        """
+        items = waveforms_or_paths
+        single = isinstance(items, (str, os.PathLike))
+        if single:
+            items = [items]
+        if isinstance(items, (list, tuple)) and items and all(isinstance(x, (str, os.PathLike)) for x in items):
+            from granite_jax.audio import load_audio
+
+            sampling_rate = self.feature_config.sampling_rate
+            items = [load_audio(p, sampling_rate) for p in items]
+        res = self.encode(items, sampling_rate, batch_mode=batch_mode, embeddings=False)
+        texts = self.ctc_greedy(res.hidden_states, res.lengths)
+        return texts[0] if single else texts
 
     def __repr__(self) -> str:
         c = self.config
+        if isinstance(self.family, Granite5):
+            return (
+                f"Runner(Granite Speech 5: {c.num_hidden_layers} layers x {c.hidden_size}, {c.num_attention_heads} "
+                f"heads x {c.head_dim}, context {c.context_size}, subsampling x{c.subsampling}, vocabulary "
+                f"{c.vocab_size}, {self._encoder.num_values() / 1e6:.1f}M values, {self._compute_dtype}, "
+                f"{len(self.devices)} device(s))"
+            )
         proj = ""
         if self._projector is not None:
             p = self.projector_config
@@ -499,9 +573,11 @@ def load(
     loaded = checkpoint.load(path) if checkpoint.is_checkpoint(path) else convert_hf(path)
     # Converted in memory: hand each array over and drop it, so the weights are held once.
     consume = isinstance(loaded.params, dict)
-    model = encoder_from_params(
-        loaded.config, loaded.params, param_dtype=param_dtype, dtype=param_dtype, consume=consume
-    )
+    build = speech5.encoder_from_params if isinstance(loaded.config, Speech5Config) else encoder_from_params
+    model = build(loaded.config, loaded.params, param_dtype=param_dtype, dtype=param_dtype, consume=consume)
+    tokenizer = None
+    if "tokenizer.json" in loaded.files:
+        tokenizer = CTCTokenizer.from_dir(os.path.dirname(loaded.files["tokenizer.json"]), loaded.config.pad_token_id)
     projector = None
     if loaded.projector_config is not None:
         projector = projector_from_params(
@@ -511,6 +587,7 @@ def load(
         model,
         projector=projector,
         feature_config=loaded.feature_config,
+        tokenizer=tokenizer,
         buckets=buckets,
         chunk_blocks=chunk_blocks,
         provenance=loaded.provenance,

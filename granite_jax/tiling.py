@@ -181,7 +181,7 @@ def forward(
         extra = ((0, plan.batch - b), (0, plan.frames - t))
         features, valid = jnp.pad(features, extra + ((0, 0),)), jnp.pad(valid, extra)
     out = model.forward(features, valid, strategy=tiled, **outputs)
-    return EncoderOutput(*(None if a is None else a[..., :b, :t, :] for a in out))
+    return out._replace(**{k: v[..., :b, :t, :] for k, v in out._asdict().items() if v is not None and v.ndim >= 3})
 
 
 def encode(

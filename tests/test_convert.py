@@ -252,7 +252,7 @@ def test_hub_download_fetches_only_what_the_encoder_needs(tmp_path, monkeypatch)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(sources, "_hub_reachable", lambda: None)
-    config, params, prov, projector_config, projector_params, features = convert_hf("org/model")
+    config, params, prov, projector_config, projector_params, features, _ = convert_hf("org/model")
     index = json.loads((tmp_path / "remote" / "model.safetensors.index.json").read_text())
     shards = {v for k, v in index["weight_map"].items() if k.startswith(("encoder.", "projector."))}
     projector_only = shards - {v for k, v in index["weight_map"].items() if k.startswith("encoder.")}

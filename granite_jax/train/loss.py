@@ -1,4 +1,4 @@
-"""The CTC loss, as users compare it with torch's.
+"""The CTC loss, as users compare it with torch's (for both families: a 4.x encoder or Granite Speech 5).
 
 `ctc_loss(model, batch)` is `F.ctc_loss(log_softmax(out(h)).transpose(0, 1), labels, lengths, label_lengths,
 blank=0, reduction="mean", zero_infinity=True)` on the encoder's final hidden states `h`: each utterance's
@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from granite_jax.modeling import PLAIN, GraniteSpeechEncoder, Strategy
+from granite_jax.modeling import PLAIN, Strategy
 
 Batch = Mapping[str, Any]  # features (B, T, F), lengths (B,), labels (B, L), label_lengths (B,)
 
@@ -33,18 +33,19 @@ def ctc_per_utterance(
     lengths: Int[Array, " b"],
     labels: Int[Array, "b l"],
     label_lengths: Int[Array, " b"],
+    blank_id: int = 0,
 ) -> tuple[Float[Array, " b"], Array]:
     """(each utterance's NLL / max(label length, 1), 0 where it cannot be aligned; the alignable mask)."""
     t, n = logits.shape[1], labels.shape[1]
     logit_paddings = (jnp.arange(t)[None, :] >= lengths[:, None]).astype(jnp.float32)
     label_paddings = (jnp.arange(n)[None, :] >= label_lengths[:, None]).astype(jnp.float32)
-    nll = optax.ctc_loss(logits.astype(jnp.float32), logit_paddings, labels, label_paddings, blank_id=0)
+    nll = optax.ctc_loss(logits.astype(jnp.float32), logit_paddings, labels, label_paddings, blank_id=blank_id)
     ok = _alignable(lengths, labels, label_lengths)
     return jnp.where(ok, nll / jnp.maximum(label_lengths, 1), 0.0), ok
 
 
 def ctc_loss_and_metrics(
-    model: GraniteSpeechEncoder,
+    model: Any,
     batch: Batch,
     mid_weight: float = 0.0,
     key: Array | None = None,
@@ -58,14 +59,20 @@ def ctc_loss_and_metrics(
     valid = jnp.arange(features.shape[1])[None, :] < lengths[:, None]
     want_mid = not (isinstance(mid_weight, (int, float)) and mid_weight == 0)
     out = model.forward(features, valid, strategy=strategy, key=key, mid_logits=want_mid)
-    final = out.last_hidden_state[..., -model.config.hidden_dim :]  # plus: the last layer comes last
-    per_final, ok = ctc_per_utterance(model.out(final), lengths, labels, label_lengths)
+    blank = model.config.blank_id
+    frames = lengths if out.valid is None else jnp.sum(out.valid, axis=1).astype(jnp.int32)  # Speech 5: subsampled
+    per_final, ok = ctc_per_utterance(model.ctc_logits(out.last_hidden_state), frames, labels, label_lengths, blank)
     loss_final = jnp.mean(per_final)
     loss, loss_mid = loss_final, jnp.zeros(())
     if want_mid:
         if out.mid_logits is None:
             raise ValueError(f"mid_weight needs a self-conditioning layer; this encoder has {model.config.num_layers}")
-        per_mid, _ = ctc_per_utterance(out.mid_logits, lengths, labels, label_lengths)
+        mid_frames = (
+            frames
+            if out.mid_logits.shape[1] == out.last_hidden_state.shape[1]
+            else _frames_at(model, lengths, out.mid_logits.shape[1])
+        )
+        per_mid, _ = ctc_per_utterance(out.mid_logits, mid_frames, labels, label_lengths, blank)
         loss_mid = jnp.mean(per_mid)
         loss = (1.0 - mid_weight) * loss_final + mid_weight * loss_mid
     metrics = {
@@ -78,9 +85,21 @@ def ctc_loss_and_metrics(
     return loss, metrics
 
 
-def ctc_loss(model: GraniteSpeechEncoder, batch: Batch, mid_weight: float = 0.0, key: Array | None = None) -> Array:
+def _frames_at(model, lengths: Array, width: int) -> Array:
+    """Speech 5: valid frames at the self-conditioning block's resolution (halved per subsampling block
+    before it)."""
+    cfg = model.config
+    for i in cfg.subsample_layers:
+        if i < cfg.self_conditioning_layer:
+            lengths = lengths // 2
+    return jnp.minimum(lengths, width)
+
+
+def ctc_loss(model: Any, batch: Batch, mid_weight: float = 0.0, key: Array | None = None) -> Array:
     """The CTC loss of `model` on `batch` (see the module docstring), mixed with the intermediate CTC loss at
-    the self-conditioning layer as `(1 - mid_weight) * final + mid_weight * mid`.
+    the self-conditioning layer as `(1 - mid_weight) * final + mid_weight * mid`. For Granite Speech 5 the frames
+    are the subsampled ones and the blank is the pad token: with mid_weight 0, the loss `GraniteSpeech5ForCTC`
+    computes from `labels`.
 
     `batch`: `features` (B, T, input_dim), `lengths` (B,) valid frames, `labels` (B, L) ints padded with 0,
     `label_lengths` (B,). `key`: the dropout key in train mode. Differentiate with

@@ -1,0 +1,120 @@
+"""What differs between the model families behind one Runner: the front end, the frames, the CTC head, the text.
+
+- `Granite4`: the 4.x encoders (`GraniteSpeechEncoder`): log-mel pairs, one output frame per input frame,
+  the CTC head `out` on the final layer, ids read as characters.
+- `Granite5`: Granite Speech 5 / TurboCTC (`GraniteSpeech5Encoder`): log-mel + deltas, frames halved per
+  subsampling block, the (tied) `ctc_head`, ids decoded by the BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from granite_jax import tiling
+from granite_jax.config import FeatureConfig, Speech5FeatureConfig
+from granite_jax.features import log_mel, min_samples, num_encoder_frames, speech5_features, speech5_frames
+from granite_jax.modeling import EncoderOutput
+from granite_jax.tokenizer import CTCTokenizer, char_decode
+
+
+class Granite4:
+    """The 4.x encoders."""
+
+    name = "granite_speech"
+    masks_padding = False  # transformers' encoder has no padding mask
+
+    def __init__(self, feature_config: FeatureConfig, config):
+        self.feature_config = feature_config
+        self.config = config
+        self.tokenizer = None
+
+    def frames(self, num_samples):
+        """Encoder input frames of `num_samples` samples (int or array)."""
+        return num_encoder_frames(num_samples, self.feature_config)
+
+    def samples_for_frames(self, frames: int) -> int:
+        """The most samples that give `frames` frames."""
+        return (2 * frames + 1) * self.feature_config.hop_length - 1
+
+    def min_samples(self) -> int:
+        return min_samples(self.feature_config)
+
+    def features(self, waveforms: jax.Array, lengths: jax.Array, hf_batch: bool) -> jax.Array:
+        return log_mel(waveforms, lengths, self.feature_config, hf_batch=hf_batch)
+
+    def encode(self, model, features, valid, chunk_blocks, hidden_states: bool = False) -> EncoderOutput:
+        out = tiling.forward(model, features, valid, chunk_blocks, hidden_states=hidden_states)
+        return out._replace(valid=valid)
+
+    def output_lengths(self, frames):
+        return frames
+
+    def ctc_logits(self, model, hidden: jax.Array) -> jax.Array:
+        return model.out(hidden[..., -self.config.hidden_dim :])  # plus: the last layer comes last
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return char_decode(ids, 0)
+
+    @property
+    def frame_seconds(self) -> float:
+        """Seconds per output frame."""
+        return 2 * self.feature_config.hop_length / self.feature_config.sampling_rate
+
+    def states_spec(self, spec):
+        return jax.sharding.PartitionSpec(None, *spec)  # (layers + 1, batch, ...)
+
+
+class Granite5:
+    """Granite Speech 5 (TurboCTC)."""
+
+    name = "granite_speech5"
+    masks_padding = True  # transformers' encoder takes the extractor's attention_mask
+
+    def __init__(self, feature_config: Speech5FeatureConfig, config, tokenizer: CTCTokenizer | None):
+        self.feature_config = feature_config
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def frames(self, num_samples):
+        return speech5_frames(num_samples, self.feature_config)
+
+    def samples_for_frames(self, frames: int) -> int:
+        return 2 * frames * self.feature_config.hop_length + self.feature_config.hop_length - 1
+
+    def min_samples(self) -> int:
+        """Enough for torch's reflect padding, and for every subsampling block to see two frames."""
+        cfg = self.feature_config
+        return max(cfg.n_fft // 2 + 1, (2 * self.config.subsampling - 1) * cfg.hop_length)
+
+    def features(self, waveforms: jax.Array, lengths: jax.Array, hf_batch: bool) -> jax.Array:
+        return speech5_features(waveforms, lengths, self.feature_config, hf_batch=hf_batch)
+
+    def encode(self, model, features, valid, chunk_blocks, hidden_states: bool = False) -> EncoderOutput:
+        return model.forward(features, valid, hidden_states=hidden_states)
+
+    def output_lengths(self, frames):
+        return self.config.output_frames(frames)
+
+    def ctc_logits(self, model, hidden: jax.Array) -> jax.Array:
+        return model.ctc_logits(hidden)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer (tokenizer.json): text needs one")
+        return self.tokenizer.decode(ids)
+
+    @property
+    def frame_seconds(self) -> float:
+        fc = self.feature_config
+        return 2 * fc.hop_length * self.config.subsampling / fc.sampling_rate
+
+    def states_spec(self, spec):
+        return tuple([spec] * (self.config.num_hidden_layers + 1))  # a tuple of (batch, frames_i, d)
+
+
+def greedy_ids(logits: jax.Array) -> np.ndarray:
+    return np.asarray(jnp.argmax(logits, axis=-1))
