@@ -1,4 +1,7 @@
-"""Side-by-side CPU benchmark: granite_jax `encode_features` vs the Hugging Face torch `GraniteSpeechCTCEncoder`.
+"""Side-by-side CPU benchmark: granite_jax `encode_features` vs the Hugging Face torch encoder.
+
+`--model granite-speech` (default): the 4.x `GraniteSpeechCTCEncoder`; `--model speech5`: Granite Speech 5's
+`GraniteSpeech5Encoder` (TurboCTC, 320-wide input frames, subsampled by 4).
 
 Both sides run the same weights (a perturbed random HF checkpoint, converted once to granite_jax format) on the
 same random features. Every (side, case) pair runs in its own fresh subprocess, so that peak RSS is per side and
@@ -48,17 +51,36 @@ GB = 1024**3
 # ------------------------------------------------------------------------------------------------------------------
 # helpers shared by parent and workers
 # ------------------------------------------------------------------------------------------------------------------
-def case_features(name: str) -> np.ndarray:
-    """The (B, seconds * 50, 160) float32 standard-normal input of a case (same in every process)."""
+def case_features(name: str, input_dim: int = INPUT_DIM) -> np.ndarray:
+    """The (B, seconds * 50, input_dim) float32 standard-normal input of a case (same in every process)."""
     batch, seconds = CASES[name]
     rng = np.random.default_rng(SEED)
-    return rng.standard_normal((batch, seconds * FRAMES_PER_SECOND, INPUT_DIM), dtype=np.float32)
+    return rng.standard_normal((batch, seconds * FRAMES_PER_SECOND, input_dim), dtype=np.float32)
 
 
 def audio_seconds(name: str) -> float:
     """Total seconds of audio in a case (all rows)."""
     batch, seconds = CASES[name]
     return float(batch * seconds)
+
+
+def speech5_flops_per_frame(c: dict) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the Speech 5 encoder per input frame: every block at its own frame
+    rate (halved after each subsampling block; a subsampling block's conv, second feed-forward and output at
+    the half rate), the input projection, the self-conditioning head."""
+    d, inner, i_ff = c["hidden_size"], c["num_attention_heads"] * c["head_dim"], c["intermediate_size"]
+    e, ctx, k = c["conv_expansion_factor"] * d, c["context_size"], c["conv_kernel_size"]
+    ff = 2 * 2 * d * i_ff
+    before = ff + 2 * d * 3 * inner + 2 * inner * d + 3 * 2 * ctx * inner + 2 * d * 2 * e  # ff1, attention, lin1
+    after = 2 * k * e + 2 * e * d + ff  # depthwise, lin2, ff2
+    rate, total = 1.0, 2 * 4 * c["num_mel_bins"] * d
+    for i in range(c["num_hidden_layers"]):
+        half = 0.5 if i in c["subsample_layers"] else 1.0
+        total += rate * (before + half * after)
+        rate *= half
+        if i + 1 == c["num_hidden_layers"] // 2:
+            total += rate * 2 * 2 * d * c["vocab_size"]
+    return total
 
 
 def flops_per_frame(c: dict) -> float:
@@ -110,15 +132,29 @@ def peak_rss_bytes() -> int:
 
 
 def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (or platform.processor() elsewhere)."""
+    """CPU model name, family / model and the vector extensions that matter here, from /proc/cpuinfo.
+
+    AMD family 25 is Zen 3 or Zen 4 (models 0x10-0x1f, 0x60-0x7f, 0xa0-0xaf are Zen 4), family 26 Zen 5.
+    """
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags", "vendor_id") and key not in fields:
+                    fields[key] = value.strip()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    name = fields.get("model name", platform.processor() or "unknown")
+    family, model = int(fields.get("cpu family", "0") or 0), int(fields.get("model", "0") or 0)
+    arch = ""
+    if fields.get("vendor_id") == "AuthenticAMD":
+        zen4 = 0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF
+        arch = {26: "Zen 5", 25: "Zen 4" if zen4 else "Zen 3", 23: "Zen 2"}.get(family, "")
+    flags = set(fields.get("flags", "").split())
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} (family {family}, model {model}{', ' + arch if arch else ''}; {', '.join(ext) or 'no AVX'})"
 
 
 def version(dist: str) -> str:
@@ -173,9 +209,10 @@ def worker(
     dtype: str = "float32",
     torch_device: str = "cpu",
     torch_dtype: str = "float32",
+    model_kind: str = "granite-speech",
 ) -> dict:
     """Load one side's encoder from `ckpt`, time it on `case`, return the measurements."""
-    features = case_features(case)
+    features = case_features(case, 4 * 80 if model_kind == "speech5" else INPUT_DIM)
     rss_start = current_rss_bytes()
     last: dict[str, np.ndarray] = {}
 
@@ -187,7 +224,12 @@ def worker(
         rss_import = current_rss_bytes()
         t0 = time.perf_counter()
         tdtype = getattr(torch, torch_dtype)
-        model = GraniteSpeechCTCEncoder.from_pretrained(ckpt, dtype=tdtype).eval().to(torch_device)
+        if model_kind == "speech5":
+            from transformers import GraniteSpeech5ForCTC
+
+            model = GraniteSpeech5ForCTC.from_pretrained(ckpt, dtype=tdtype).encoder.eval().to(torch_device)
+        else:
+            model = GraniteSpeechCTCEncoder.from_pretrained(ckpt, dtype=tdtype).eval().to(torch_device)
         # transformers maps the safetensors file lazily: touch every tensor so that the weights are resident
         # (as they are after the first forward) before the weights-only RSS is taken.
         with torch.inference_mode():
@@ -290,20 +332,30 @@ def worker(
 # ------------------------------------------------------------------------------------------------------------------
 # parent
 # ------------------------------------------------------------------------------------------------------------------
-def prepare(directory: str, layers: int | None) -> dict:
+def prepare(directory: str, layers: int | None, model_kind: str = "granite-speech") -> dict:
     """Save the random HF checkpoint as `directory`/hf and its granite_jax conversion as `directory`/granite_jax."""
-    from granite_jax.config import PRODUCTION
+    from granite_jax.config import PRODUCTION, SPEECH5_PRODUCTION
     from granite_jax.convert.convert import convert_checkpoint
     from granite_jax.testing.hf import make_hf_checkpoint
+    from granite_jax.testing.hf5 import make_hf5_checkpoint
 
-    cfg = PRODUCTION if layers is None else dataclasses.replace(PRODUCTION, num_layers=layers)
     t0 = time.perf_counter()
-    ref = make_hf_checkpoint(cfg, os.path.join(directory, "hf"), seed=SEED)
+    if model_kind == "speech5":
+        cfg = (
+            SPEECH5_PRODUCTION if layers is None else dataclasses.replace(SPEECH5_PRODUCTION, num_hidden_layers=layers)
+        )
+        ref = make_hf5_checkpoint(cfg, os.path.join(directory, "hf"), seed=SEED)
+        config = dataclasses.asdict(cfg)
+        config["subsample_layers"] = list(cfg.subsample_layers)
+    else:
+        cfg = PRODUCTION if layers is None else dataclasses.replace(PRODUCTION, num_layers=layers)
+        ref = make_hf_checkpoint(cfg, os.path.join(directory, "hf"), seed=SEED)
+        config = dataclasses.asdict(cfg)
     n_params = sum(p.numel() for p in ref.parameters())
     del ref
     gc.collect()
     convert_checkpoint(os.path.join(directory, "hf"), os.path.join(directory, "granite_jax"))
-    return {"config": dataclasses.asdict(cfg), "n_params": n_params, "prepare_s": time.perf_counter() - t0}
+    return {"config": config, "model": model_kind, "n_params": n_params, "prepare_s": time.perf_counter() - t0}
 
 
 def _run_json(cmd: list[str], what: str) -> dict:
@@ -324,6 +376,7 @@ def run_worker(side: str, case: str, ckpt: str, args: argparse.Namespace, save: 
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--case", case, "--ckpt", ckpt]
     cmd += ["--runs", str(args.runs), "--warmup", str(args.warmup), "--jax-buckets", args.jax_buckets]
     cmd += ["--jax-dtype", args.jax_dtype, "--torch-device", args.torch_device, "--torch-dtype", args.torch_dtype]
+    cmd += ["--model", args.model]
     if save:
         cmd += ["--save", save]
     t0 = time.perf_counter()
@@ -433,7 +486,10 @@ def main_parent(args: argparse.Namespace) -> int:
         "jax_dtype": args.jax_dtype,
         "loadavg_start": os.getloadavg(),
     }
-    print(f"# granite_jax vs transformers encoder benchmark ({'production' if args.layers is None else 'reduced'})")
+    name = "Granite Speech 5 (TurboCTC)" if args.model == "speech5" else "Granite Speech 4.x"
+    print(
+        f"# granite_jax vs transformers encoder benchmark: {name}, {'production' if args.layers is None else 'reduced'}"
+    )
     print(f"- CPU: {info['cpu']}, {info['cores']} cores (os.cpu_count)")
     print(
         f"- jax {info['jax']} (jaxlib {info['jaxlib']}, flax {info['flax']}), torch {info['torch']}, "
@@ -448,7 +504,7 @@ def main_parent(args: argparse.Namespace) -> int:
     check: dict[str, float] | None = None
     with tempfile.TemporaryDirectory(prefix="granite_bench_") as tmp:
         hf_dir, jax_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "granite_jax")
-        cmd = [sys.executable, os.path.abspath(__file__), "--prepare", tmp]
+        cmd = [sys.executable, os.path.abspath(__file__), "--prepare", tmp, "--model", args.model]
         prep = _run_json(
             cmd + ([] if args.layers is None else ["--layers", str(args.layers)]), "checkpoint preparation"
         )
@@ -456,12 +512,23 @@ def main_parent(args: argparse.Namespace) -> int:
             return 1
         info.update(prep)
         c, n_params = prep["config"], prep["n_params"]
-        print(
-            f"- encoder: {c['num_layers']} layers x {c['hidden_dim']} wide, {c['num_heads']} heads x {c['dim_head']}, "
-            f"ff x{c['feedforward_mult']}, context {c['context_size']}, conv kernel {c['conv_kernel_size']}, "
-            f"output_dim {c['output_dim']}; torch {args.torch_dtype} on {args.torch_device}, jax {args.jax_dtype}"
-        )
-        flops_frame = flops_per_frame(c)
+        if args.model == "speech5":
+            print(
+                f"- Granite Speech 5 encoder: {c['num_hidden_layers']} layers x {c['hidden_size']}, "
+                f"{c['num_attention_heads']} heads x {c['head_dim']}, ff {c['intermediate_size']}, context "
+                f"{c['context_size']}, conv kernel {c['conv_kernel_size']}, subsampling blocks "
+                f"{c['subsample_layers']}, vocabulary {c['vocab_size']}; torch {args.torch_dtype} on "
+                f"{args.torch_device}, jax {args.jax_dtype}"
+            )
+            flops_frame = speech5_flops_per_frame(c)
+        else:
+            print(
+                f"- encoder: {c['num_layers']} layers x {c['hidden_dim']} wide, {c['num_heads']} heads x "
+                f"{c['dim_head']}, ff x{c['feedforward_mult']}, context {c['context_size']}, conv kernel "
+                f"{c['conv_kernel_size']}, output_dim {c['output_dim']}; torch {args.torch_dtype} on "
+                f"{args.torch_device}, jax {args.jax_dtype}"
+            )
+            flops_frame = flops_per_frame(c)
         print(f"- {flops_frame * FRAMES_PER_SECOND / 1e9:.1f} GFLOP per second of audio (analytic, multiply-adds x 2)")
         peak = _run_json([sys.executable, os.path.abspath(__file__), "--peak"], "matmul peak")
         peak_gflops = peak.get("jax_gflops")
@@ -535,6 +602,7 @@ def main_parent(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("granite-speech", "speech5"), default="granite-speech", help="which encoder")
     p.add_argument("--layers", type=int, default=None, help="encoder depth (default: production, 16)")
     p.add_argument(
         "--cases",
@@ -581,7 +649,7 @@ def main() -> None:
         print(json.dumps(peak_worker()), flush=True)
         return
     if args.prepare:
-        print(json.dumps(prepare(args.prepare, args.layers)), flush=True)
+        print(json.dumps(prepare(args.prepare, args.layers, args.model)), flush=True)
         return
     if args.worker:
         result = worker(
@@ -595,6 +663,7 @@ def main() -> None:
             dtype=args.jax_dtype,
             torch_device=args.torch_device,
             torch_dtype=args.torch_dtype,
+            model_kind=args.model,
         )
         print(json.dumps(result), flush=True)
         return

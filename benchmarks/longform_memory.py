@@ -1,13 +1,13 @@
 """Peak memory and time of one `encode(waveform)` call against audio length (1, 10, 60 minutes by default).
 
-The production encoder (16 x 1024, random weights) plus a 2-layer 1024-wide Q-Former projector, fp32, CPU.
-Each length runs in its own process, so peak RSS is that call's: weights, the input waveform, log-mel,
-hidden states, projector output and XLA's temporaries. Each layer works in tiles of 8 blocks (`chunk_blocks`),
-log-mel frames and projector windows go in chunks too, so memory beyond the weights should grow linearly with
-length, by about the hidden states' size (0.74 GB an hour per copy).
+`--model granite-speech` (default): the production 4.x encoder (16 x 1024, random weights) plus a 2-layer
+1024-wide Q-Former projector; `--model speech5`: the production Granite Speech 5 (TurboCTC) encoder and its
+CTC logits. fp32, CPU. Each length runs in its own process, so peak RSS is that call's: weights, the input
+waveform, features, hidden states, outputs and XLA's temporaries. Memory beyond the weights should grow
+linearly with length.
 
     python benchmarks/longform_memory.py                      # ~20 min on 2 cores (the hour is ~15 of them)
-    python benchmarks/longform_memory.py --minutes 1 5 --layers 2
+    python benchmarks/longform_memory.py --minutes 1 5 --layers 2 --model speech5
 """
 
 from __future__ import annotations
@@ -24,9 +24,20 @@ import time
 SR = 16000
 
 
-def make_checkpoint(path: str, layers: int) -> None:
+def make_checkpoint(path: str, layers: int, model: str) -> None:
     """A granite_jax checkpoint with random weights at the production shapes (no torch needed)."""
     from flax import nnx
+
+    if model == "speech5":
+        from granite_jax import checkpoint, speech5
+        from granite_jax.config import SPEECH5_PRODUCTION, Speech5FeatureConfig
+
+        keep = tuple(i for i in SPEECH5_PRODUCTION.subsample_layers if i < layers)
+        cfg = dataclasses.replace(SPEECH5_PRODUCTION, num_hidden_layers=layers, subsample_layers=keep)
+        params = speech5.params_of(speech5.GraniteSpeech5Encoder(cfg, rngs=nnx.Rngs(0)))
+        feats = Speech5FeatureConfig(num_mel_bins=cfg.num_mel_bins)
+        checkpoint.save(path, cfg, params, {"source": "random"}, feature_config=feats, overwrite=True)
+        return
 
     from granite_jax import checkpoint
     from granite_jax.cli import DEMO_PROJECTOR
@@ -57,7 +68,9 @@ def child(path: str, minutes: float) -> None:
     wave = (0.1 * np.random.default_rng(0).standard_normal(int(minutes * 60 * SR))).astype(np.float32)
     t0 = time.perf_counter()
     res = model.encode(wave)
-    jax.block_until_ready((res.hidden_states, res.audio_embeddings))
+    # Speech 5 has no projector: its output is the CTC logits
+    out = model.ctc_logits(res.hidden_states) if model.projector is None else res.audio_embeddings
+    jax.block_until_ready((res.hidden_states, out))
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(
@@ -65,7 +78,7 @@ def child(path: str, minutes: float) -> None:
             {
                 "minutes": minutes,
                 "frames": int(res.lengths[0]),
-                "embeddings": int(res.embedding_counts[0]),
+                "embeddings": None if res.embedding_counts is None else int(res.embedding_counts[0]),
                 "wall": wall,
                 "loaded": loaded,
                 "peak": peak,
@@ -80,6 +93,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
     p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--model", choices=("granite-speech", "speech5"), default="granite-speech")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -87,14 +101,14 @@ def main() -> None:
         child(args.child[0], float(args.child[1]))
         return
     if args.make:
-        make_checkpoint(args.make[0], int(args.make[1]))
+        make_checkpoint(args.make[0], int(args.make[1]), args.model)
         return
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "gj")
         # in a subprocess: a child's ru_maxrss starts at its parent's peak, so the parent stays lean
-        subprocess.run([sys.executable, __file__, "--make", ckpt, str(args.layers)], check=True)
+        subprocess.run([sys.executable, __file__, "--make", ckpt, str(args.layers), "--model", args.model], check=True)
         rows = []
         for minutes in args.minutes:
             print(f"... {minutes:g} min", file=sys.stderr, flush=True)
@@ -107,8 +121,9 @@ def main() -> None:
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     gb = 1e9
+    what = "Granite Speech 5 encoder + CTC logits" if args.model == "speech5" else "x 1024 + projector"
     print(
-        f"\nencode(waveform), {args.layers} layers x 1024 + projector, fp32, jax {jax.__version__} on "
+        f"\nencode(waveform), {args.layers} layers {what}, fp32, jax {jax.__version__} on "
         f"{jax.default_backend()}, {os.cpu_count()} CPUs; one call per length, each in its own process\n"
     )
     print(

@@ -127,6 +127,93 @@ def demo(layers: int, clip: str, seconds: float | None, runs: int, batch: int) -
     return 0 if ok else 2
 
 
+def random_tokenizer(vocab_size: int, seed: int = 0):
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained here on random words (no downloads)."""
+    from granite_jax.testing.hf5 import train_tokenizer
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(60000)]
+    return train_tokenizer("byte_level", vocab_size, [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)])
+
+
+def demo5(layers: int, clip: str, seconds: float | None, runs: int, batch: int) -> int:
+    """Granite Speech 5 (TurboCTC): clip -> features -> encoder -> CTC text, in JAX and in HF torch."""
+    import jax
+
+    import granite_jax
+    from granite_jax.config import SPEECH5_PRODUCTION
+    from granite_jax.convert.convert import convert_checkpoint
+    from granite_jax.testing.hf import require_torch
+    from granite_jax.testing.hf5 import hf_tokenizer, make_hf5_checkpoint
+
+    try:
+        torch, transformers = require_torch()
+    except ImportError as e:
+        print(f"granite-jax demo compares against the torch reference: {e}", file=sys.stderr)
+        return 1
+    transformers.utils.logging.disable_progress_bar()
+    # A shallower demo keeps the subsampling blocks that still exist at that depth.
+    keep = tuple(i for i in SPEECH5_PRODUCTION.subsample_layers if i < layers)
+    cfg = dataclasses.replace(SPEECH5_PRODUCTION, num_hidden_layers=layers, subsample_layers=keep)
+    wave = _clip(clip, seconds)
+    waves = [wave] * batch
+    audio = batch * len(wave) / 16000
+    print(
+        f"granite-jax demo --model speech5: {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads} heads x {cfg.head_dim}, context {cfg.context_size}, subsampling x{cfg.subsampling} "
+        f"(blocks {list(cfg.subsample_layers)}), vocabulary {cfg.vocab_size}; {batch} x {len(wave) / 16000:.2f} s of "
+        f"speech ({clip}); jax on {jax.default_backend()}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        tok = random_tokenizer(cfg.vocab_size)
+        ref = make_hf5_checkpoint(cfg, f"{tmp}/hf", seed=0, tokenizer=tok)
+        print(f"[1/4] made a random HF GraniteSpeech5ForCTC and a {cfg.vocab_size}-token BPE tokenizer ({_since(t0)})")
+        t0 = time.perf_counter()
+        convert_checkpoint(f"{tmp}/hf", f"{tmp}/gj")
+        print(f"[2/4] converted it with granite-jax-convert ({_since(t0)})")
+        model = granite_jax.load(f"{tmp}/gj")
+        t0 = time.perf_counter()
+        texts = model.transcribe(waves)
+        first = time.perf_counter() - t0
+        jax_times = _timed(lambda: model.transcribe(waves), runs)
+        print(f"[3/4] granite_jax transcribe(waveforms): first call (compile + run) {first:.2f} s")
+        proc = transformers.GraniteSpeech5Processor(
+            transformers.GraniteSpeech5FeatureExtractor.from_pretrained(f"{tmp}/hf"), hf_tokenizer(tok)
+        )
+
+        def run_torch():
+            inputs = proc(waves, sampling_rate=16000, return_tensors="pt")
+            return inputs, proc.batch_decode(ref.generate(**inputs), skip_special_tokens=True)
+
+        with torch.inference_mode():
+            inputs, want = run_torch()
+            torch_times = _timed(run_torch, runs)
+            logits = ref(**inputs).logits.numpy()
+        print("[4/4] HF torch reference done")
+        feats, _ = model.extract_features(waves)
+        res = model.encode(waves, embeddings=False)
+        n = int(res.lengths[0])
+        errs = {
+            "features (max abs)": float(np.abs(np.asarray(feats) - inputs["input_features"].numpy()).max()),
+            "CTC logits": _rel(np.asarray(model.ctc_logits(res.hidden_states))[0, :n], logits[0, :n]),
+        }
+    tj, tt = statistics.median(jax_times), statistics.median(torch_times)
+    print()
+    print("| side | median s | real-time factor |")
+    print("|---|---|---|")
+    print(f"| HF torch (extractor + generate + batch_decode) | {tt:.3f} | {tt / audio:.4f} |")
+    print(f"| granite_jax transcribe | {tj:.3f} | {tj / audio:.4f} |")
+    print(f"\nspeed-up {tt / tj:.2f}x; {n} output frames of 80 ms")
+    print("parity (fp32), max|jax - torch| / max|torch| unless noted:")
+    for k, v in errs.items():
+        print(f"  {k}: {v:.2e}")
+    same = texts == want
+    print(f"transcripts identical to HF's: {same} (random weights and tokenizer, so not words): {texts[0][:40]!r}")
+    return 0 if same and errs["features (max abs)"] < 1e-3 and errs["CTC logits"] < 1e-3 else 2
+
+
 def _since(t0: float) -> str:
     return f"{time.perf_counter() - t0:.1f} s"
 
@@ -143,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         "demo",
         help="encode a bundled speech clip with a random checkpoint at the real architecture; compare with torch",
     )
-    d.add_argument("--layers", type=int, default=16, help="encoder depth (16 = granite-speech-4.1-2b)")
+    d.add_argument(
+        "--model",
+        choices=("granite-speech", "speech5"),
+        default="granite-speech",
+        help="granite-speech: the 4.x encoder + projector; speech5: Granite Speech 5 TurboCTC (470M)",
+    )
+    d.add_argument("--layers", type=int, default=16, help="encoder depth (16 = the released models')")
     d.add_argument("--clip", default="fox", help="a bundled clip (fox, numbers, report) or an audio file")
     d.add_argument("--seconds", type=float, default=None, help="repeat or cut the clip to this length")
     d.add_argument("--batch", type=int, default=1)
@@ -152,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
 
     e = sub.add_parser("encode", help="encode audio files: hidden states, projector embeddings or CTC text")
     encode_cli.build_parser(e)
-    from granite_jax import train_cli
+    from granite_jax import train_cli, transcribe_cli
+
+    t = sub.add_parser("transcribe", help="greedy CTC text of audio files, with word and token times")
+    transcribe_cli.build_parser(t)
 
     f = sub.add_parser("finetune", help="fine-tune (or train) the encoder with optax on a NeMo manifest")
     train_cli.build_finetune_parser(f)
@@ -167,13 +263,16 @@ def main(argv: list[str] | None = None) -> int:
         return convert_main(args.args)
     if args.command == "encode":
         return encode_cli.execute(args)
+    if args.command == "transcribe":
+        return transcribe_cli.execute(args)
     if args.command == "finetune":
         return run_command("granite-jax finetune", lambda: train_cli.run_finetune(args))
     if args.command == "export":
         return run_command("granite-jax export", lambda: train_cli.run_export(args))
     if args.layers < 1 or (args.seconds is not None and not args.seconds > 0) or args.runs < 1 or args.batch < 1:
         p.error("--layers, --seconds, --runs and --batch must be positive")
-    return run_command("granite-jax demo", lambda: demo(args.layers, args.clip, args.seconds, args.runs, args.batch))
+    run = demo5 if args.model == "speech5" else demo
+    return run_command("granite-jax demo", lambda: run(args.layers, args.clip, args.seconds, args.runs, args.batch))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""CTC decoding on the host: greedy (collapse repeats, drop blank) from per-frame best ids."""
+"""CTC decoding on the host: greedy (collapse repeats, drop blank) from per-frame best ids, and the
+alignment it implies (token and word times)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -46,3 +49,62 @@ def ctc_greedy_decode(
     The Granite 4.x character heads map an id to `chr(id)`, the default.
     """
     return ["".join(id_to_text(i) for i in row) for row in ctc_greedy_ids(ids, lengths, blank=blank)]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A stretch of an utterance: `text`, and its `start` and `end` in seconds."""
+
+    text: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """An utterance's greedy CTC text, its tokens and words with times from the CTC alignment."""
+
+    text: str
+    tokens: tuple[Span, ...] = ()
+    words: tuple[Span, ...] = ()
+
+    def as_dict(self) -> dict:
+        spans = lambda xs: [{"text": s.text, "start": round(s.start, 3), "end": round(s.end, 3)} for s in xs]  # noqa: E731
+        return {"text": self.text, "words": spans(self.words), "tokens": spans(self.tokens)}
+
+
+def token_runs(ids: Sequence[int], blank: int = 0) -> list[tuple[int, int, int]]:
+    """(id, first frame, last frame + 1) of each run of one non-blank id: the tokens greedy CTC emits."""
+    runs, start = [], 0
+    for k, group in itertools.groupby(int(i) for i in ids):
+        n = len(list(group))
+        if k != blank:
+            runs.append((k, start, start + n))
+        start += n
+    return runs
+
+
+def align(
+    ids: Sequence[int],
+    frame_seconds: float,
+    decode: Callable[[list[int]], str],
+    token_text: Callable[[int], str],
+    starts_word: Callable[[int, str], bool],
+    blank: int = 0,
+) -> Transcript:
+    """Text, tokens and words of one utterance's greedy ids. A token starts a word when `starts_word(id, text)`
+    says so (the tokenizer's word-boundary marker; a space for character heads); a word's time is from its
+    first token's start to its last token's end."""
+    runs = token_runs(ids, blank)
+    tokens = tuple(Span(token_text(k), a * frame_seconds, b * frame_seconds) for k, a, b in runs)
+    groups: list[list[tuple[int, int, int]]] = []
+    for run in runs:
+        if not groups or starts_word(run[0], token_text(run[0])):
+            groups.append([])
+        groups[-1].append(run)
+    words = []
+    for g in groups:
+        text = decode([k for k, _, _ in g]).strip()
+        if text:
+            words.append(Span(text, g[0][1] * frame_seconds, g[-1][2] * frame_seconds))
+    return Transcript(decode([k for k, _, _ in runs]), tokens, tuple(words))

@@ -1,6 +1,7 @@
 """Back to Hugging Face: a converted (or fine-tuned) model as a directory that transformers (and vLLM) load.
 
-- Bare: `config.json` and `model.safetensors` of a `GraniteSpeech(Plus)CTCEncoder`.
+- Bare: `config.json` and `model.safetensors` of a `GraniteSpeech(Plus)CTCEncoder`; for Granite Speech 5 a
+  whole `GraniteSpeech5ForCTC` with its front end and tokenizer.
 - With `base` (the original full checkpoint): the whole `GraniteSpeech(Plus)ForConditionalGeneration`
   directory, the encoder (and projector) tensors replaced by these and every other tensor and file copied
   through, streamed one shard at a time (never the whole model in memory), each tensor in the base's dtype.
@@ -17,13 +18,15 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from granite_jax import atomic
-from granite_jax.config import ConfigError, read_hf_config
-from granite_jax.convert.key_map import ENCODER_KEYS, PROJECTOR_KEYS, ConversionError, flax_to_hf
+from granite_jax import atomic, speech5
+from granite_jax.config import ConfigError, Speech5Config, Speech5FeatureConfig, is_speech5, read_hf_config
+from granite_jax.convert.key_map import ENCODER_KEYS, PROJECTOR_KEYS, SPEECH5_KEYS, ConversionError, flax_to_hf
 from granite_jax.convert.sources import ENCODER_PREFIXES, projector_prefix_for
 from granite_jax.modeling import GraniteSpeechEncoder, params_of
 from granite_jax.projector import GraniteSpeechProjector, projector_params_of
 from granite_jax.safetensors_file import SafetensorsFile
+from granite_jax.speech5 import GraniteSpeech5Encoder
+from granite_jax.tokenizer import TOKENIZER_FILES
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
@@ -42,16 +45,25 @@ def _merged(model: GraniteSpeechEncoder) -> GraniteSpeechEncoder:
     return copy
 
 
-def encoder_state_dict(model: GraniteSpeechEncoder, prefix: str = "") -> dict[str, np.ndarray]:
-    """The encoder's tensors under HF's names and layouts (`prefix` + key), LoRA merged."""
-    return flax_to_hf(params_of(_merged(model)), prefix=prefix, table=ENCODER_KEYS)
+def encoder_state_dict(model, prefix: str = "") -> dict[str, np.ndarray]:
+    """The encoder's tensors under HF's names and layouts (`prefix` + key), LoRA merged. For Granite Speech 5
+    the untied CTC head goes beside the encoder, as `ctc_head.*`."""
+    model = _merged(model)
+    if not isinstance(model, GraniteSpeech5Encoder):
+        return flax_to_hf(params_of(model), prefix=prefix, table=ENCODER_KEYS)
+    flat = speech5.params_of(model)
+    head = {k: v for k, v in flat.items() if k.startswith("ctc_head.")}
+    out = flax_to_hf({k: v for k, v in flat.items() if k not in head}, prefix=prefix, table=SPEECH5_KEYS)
+    out.update(flax_to_hf(head, table=SPEECH5_KEYS))
+    return out
 
 
-def _unwrap(model: Any) -> tuple[GraniteSpeechEncoder, GraniteSpeechProjector | None]:
-    if isinstance(model, GraniteSpeechEncoder):
-        return model, None
-    if hasattr(model, "model") and isinstance(model.model, GraniteSpeechEncoder):  # a Runner
-        return model.model, getattr(model, "projector", None)
+def _unwrap(model: Any) -> tuple[Any, GraniteSpeechProjector | None, Any]:
+    """(encoder, projector, runner or None)."""
+    if isinstance(model, GraniteSpeechEncoder | GraniteSpeech5Encoder):
+        return model, None, None
+    if hasattr(model, "model") and isinstance(model.model, GraniteSpeechEncoder | GraniteSpeech5Encoder):
+        return model.model, getattr(model, "projector", None), model
     raise TypeError(f"export_hf takes a granite_jax Runner (from load) or a GraniteSpeechEncoder, got {type(model)}")
 
 
@@ -68,7 +80,7 @@ def export_hf(
     `dtype`: of the written floating tensors ("float32", "bfloat16", "float16"); default: the base's own
     dtypes with `base`, else float32.
     """
-    encoder, projector = _unwrap(model)
+    encoder, projector, runner = _unwrap(model)
     dst = os.path.abspath(os.fspath(dst))
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
@@ -76,7 +88,7 @@ def export_hf(
         raise ExportError(f"{dst} exists and is not a Hugging Face checkpoint (no config.json); not replacing it")
     target = _np_dtype(dtype)
     if base is None:
-        return _export_bare(encoder, dst, target or np.dtype(np.float32))
+        return _export_bare(encoder, dst, target or np.dtype(np.float32), runner)
     base = os.path.abspath(os.fspath(base))
     if os.path.realpath(base) == os.path.realpath(dst):
         raise ExportError(f"DST {dst} is the base checkpoint; choose another destination")
@@ -97,18 +109,33 @@ def _cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(value, np.float32).astype(dtype))
 
 
-def _export_bare(encoder: GraniteSpeechEncoder, dst: str, dtype: np.dtype) -> str:
+def _export_bare(encoder, dst: str, dtype: np.dtype, runner: Any = None) -> str:
+    """4.x: a GraniteSpeech(Plus)CTCEncoder directory. Speech 5: a whole GraniteSpeech5ForCTC (its config,
+    weights, front end and tokenizer)."""
     from safetensors.numpy import save_file
 
     cfg = encoder.config
     config = cfg.to_hf_dict()
-    config["architectures"] = ["GraniteSpeechPlusCTCEncoder" if cfg.is_plus else "GraniteSpeechCTCEncoder"]
-    config["torch_dtype"] = str(dtype)
-    tensors = {k: _cast(v, dtype) for k, v in encoder_state_dict(encoder).items()}
+    speech5_model = isinstance(encoder, GraniteSpeech5Encoder)
+    if not speech5_model:
+        config["architectures"] = ["GraniteSpeechPlusCTCEncoder" if cfg.is_plus else "GraniteSpeechCTCEncoder"]
+    config["torch_dtype"] = "bfloat16" if dtype.name == "bfloat16" else str(dtype)
+    tensors = {k: _cast(v, dtype) for k, v in encoder_state_dict(encoder, "encoder." if speech5_model else "").items()}
     with atomic.atomic_dir(dst, replace=True) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if runner is not None:
+            fc = runner.feature_config
+            features = (
+                fc.to_hf_dict() if isinstance(fc, Speech5FeatureConfig) else fc.to_hf_dict(runner.projector_config)
+            )
+            with open(os.path.join(tmp, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+                json.dump(features, f, indent=2, sort_keys=True)
+            tok = getattr(runner, "tokenizer", None)
+            for name in TOKENIZER_FILES if tok is not None else ():
+                if os.path.isfile(os.path.join(tok.source, name)):
+                    shutil.copy2(os.path.join(tok.source, name), os.path.join(tmp, name))
     return dst
 
 
@@ -122,7 +149,7 @@ def _export_with_base(
 
     try:
         config = read_hf_config(base)
-        base_cfg = EncoderConfig.from_hf_config(config)
+        base_cfg = (Speech5Config if is_speech5(config) else EncoderConfig).from_hf_config(config)
     except ConfigError as e:
         raise ExportError(f"base {base}: {e}") from None
     if base_cfg != encoder.config:
@@ -139,7 +166,19 @@ def _export_with_base(
     proj_prefix = projector_prefix_for(prefix)
     if projector is not None:
         ours.update(flax_to_hf(projector_params_of(projector), prefix=proj_prefix, table=PROJECTOR_KEYS))
-    theirs = {k for k in weight_map if k.startswith(prefix) or (projector is not None and k.startswith(proj_prefix))}
+    beside = (
+        (proj_prefix,)
+        if projector is not None
+        else ("ctc_head.",)
+        if isinstance(encoder, GraniteSpeech5Encoder)
+        else ()
+    )
+    theirs = {k for k in weight_map if k.startswith((prefix,) + beside)}
+    if isinstance(encoder, GraniteSpeech5Encoder) and encoder.config.tie_word_embeddings:
+        for k in [k for k in theirs if k.startswith("ctc_head.")]:  # a saved copy of the tied head: keep it equal
+            theirs.discard(k)
+            ours[k] = ours[prefix + k.replace("ctc_head.", "out.")]
+            theirs.add(k)
     if set(ours) != theirs:
         missing, extra = sorted(theirs - set(ours)), sorted(set(ours) - theirs)
         raise ExportError(

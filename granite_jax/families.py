@@ -16,6 +16,7 @@ import numpy as np
 
 from granite_jax import tiling
 from granite_jax.config import FeatureConfig, Speech5FeatureConfig
+from granite_jax.ctc import Transcript, align
 from granite_jax.features import log_mel, min_samples, num_encoder_frames, speech5_features, speech5_frames
 from granite_jax.modeling import EncoderOutput
 from granite_jax.tokenizer import CTCTokenizer, char_decode
@@ -58,6 +59,10 @@ class Granite4:
 
     def decode(self, ids: Sequence[int]) -> str:
         return char_decode(ids, 0)
+
+    def align(self, ids: Sequence[int]) -> Transcript:
+        """Greedy text with character and word times (words end at spaces)."""
+        return align(ids, self.frame_seconds, lambda k: "".join(chr(i) for i in k), chr, lambda _, t: t == " ")
 
     @property
     def frame_seconds(self) -> float:
@@ -103,9 +108,17 @@ class Granite5:
         return model.ctc_logits(hidden)
 
     def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer().decode(ids)
+
+    def align(self, ids: Sequence[int]) -> Transcript:
+        """Greedy text with token and word times (words start at the tokenizer's word markers, Ġ or ▁)."""
+        tok = self._tokenizer()
+        return align(ids, self.frame_seconds, tok.decode, tok.token, lambda k, _: tok.starts_word(k), tok.blank_id)
+
+    def _tokenizer(self) -> CTCTokenizer:
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer (tokenizer.json): text needs one")
-        return self.tokenizer.decode(ids)
+        return self.tokenizer
 
     @property
     def frame_seconds(self) -> float:

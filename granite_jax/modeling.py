@@ -312,6 +312,8 @@ class GraniteSpeechEncoder(nnx.Module):
         self.out = dense(rngs, cfg.hidden_dim, cfg.output_dim, **kw)
         self.out_mid = dense(rngs, cfg.output_dim, cfg.hidden_dim, **kw)
 
+    stacking = "layers"  # the flat names' layer axis (nnx_params)
+
     def ctc_logits(self, hidden: Float[Array, "b t w"]) -> Float[Array, "b t v"]:
         """The CTC head: `out` on the final layer's states (for plus, the last hidden_dim channels)."""
         return self.out(hidden[..., -self.config.hidden_dim :])

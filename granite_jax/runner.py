@@ -21,7 +21,7 @@ from granite_jax import checkpoint, inputs, speech5
 from granite_jax.buckets import BucketPolicy, pad_rows
 from granite_jax.config import EncoderConfig, FeatureConfig, ProjectorConfig, Speech5Config, Speech5FeatureConfig
 from granite_jax.convert.convert import convert_hf
-from granite_jax.ctc import ctc_greedy_decode, ctc_greedy_ids
+from granite_jax.ctc import Transcript, ctc_greedy_decode, ctc_greedy_ids
 from granite_jax.devices import REPLICATED, ROWS, DeviceSpec, RowMesh, resolve_devices
 from granite_jax.families import Granite4, Granite5
 from granite_jax.features import prepare_waveforms
@@ -455,13 +455,20 @@ class Runner:
         )
 
     def transcribe(
-        self, waveforms_or_paths: Any, sampling_rate: float = 16000, *, batch_mode: str = "per_utterance"
-    ) -> list[str]:
+        self,
+        waveforms_or_paths: Any,
+        sampling_rate: float = 16000,
+        *,
+        batch_mode: str = "per_utterance",
+        timestamps: bool = False,
+    ) -> list[str] | list[Transcript]:
         """Greedy CTC text of each utterance: waveforms (as `encode` takes them) or audio file paths.
 
         Speech 5: equal to `processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)`.
         4.x: the CTC head's greedy characters (`chr(id)`), which the released models train as an auxiliary
-        head (their transcripts come from the language model).
+        head (their transcripts come from the language model). `timestamps`: `Transcript`s instead, with
+        each token's and word's start and end from the CTC alignment (one output frame is
+        `frame_seconds`: 80 ms for Speech 5, 20 ms for 4.x).
         """
         items = waveforms_or_paths
         single = isinstance(items, (str, os.PathLike))
@@ -473,8 +480,17 @@ class Runner:
             sampling_rate = self.feature_config.sampling_rate
             items = [load_audio(p, sampling_rate) for p in items]
         res = self.encode(items, sampling_rate, batch_mode=batch_mode, embeddings=False)
-        texts = self.ctc_greedy(res.hidden_states, res.lengths)
-        return texts[0] if single else texts
+        if not timestamps:
+            texts = self.ctc_greedy(res.hidden_states, res.lengths)
+            return texts[0] if single else texts
+        ids = np.asarray(jnp.argmax(self.ctc_logits(res.hidden_states), axis=-1))
+        out = [self.family.align(ids[i, :n]) for i, n in enumerate(res.lengths)]
+        return out[0] if single else out
+
+    @property
+    def frame_seconds(self) -> float:
+        """Seconds of audio per output frame."""
+        return self.family.frame_seconds
 
     def __repr__(self) -> str:
         c = self.config

@@ -10,7 +10,7 @@ from granite_jax.cliutil import run_command
 
 
 def build_finetune_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from granite_jax.train.lora import DEFAULT_TARGETS, TARGETS
+    from granite_jax.train.lora import SPEECH5_TARGETS, TARGETS
 
     p.add_argument("checkpoint", help="granite_jax checkpoint or HF checkpoint directory to start from")
     p.add_argument("--train", required=True, metavar="MANIFEST", help="NeMo JSON-lines manifest of the training set")
@@ -33,7 +33,12 @@ def build_finetune_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--frozen-batch-norm", action="store_true", help="BatchNorm on its running statistics")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full fine-tune)")
     p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), choices=TARGETS)
+    p.add_argument(
+        "--lora-targets",
+        nargs="+",
+        choices=TARGETS + SPEECH5_TARGETS,
+        help="default: every attention and feed-forward projection",
+    )
     p.add_argument("--bf16", action="store_true", help="compute in bf16 over fp32 master weights")
     p.add_argument("--remat", choices=("auto", "on", "off"), default="auto", help="rematerialise each block")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
@@ -74,7 +79,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         keep=args.keep,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
-        lora_targets=tuple(args.lora_targets),
+        lora_targets=tuple(args.lora_targets) if args.lora_targets else None,
     )
     summary = finetune(
         args.checkpoint,

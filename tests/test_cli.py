@@ -23,6 +23,13 @@ def test_demo_runs_and_reports_parity(capsys):
     assert "1 x 1.00 s of speech (fox)" in out
 
 
+def test_demo_speech5_runs_and_reports_parity(capsys):
+    """The TurboCTC demo: features, logits and transcripts against HF's GraniteSpeech5ForCTC."""
+    assert main(["demo", "--model", "speech5", "--layers", "1", "--seconds", "1", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "transcripts identical to HF's: True" in out and "CTC logits:" in out and "speed-up" in out
+
+
 def test_convert_alias(tmp_path):
     make_hf_checkpoint(TINY, tmp_path / "hf")
     exe = os.path.join(os.path.dirname(sys.executable), "granite-jax")

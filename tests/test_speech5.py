@@ -348,3 +348,125 @@ def test_ctc_loss_and_gradients_equal_transformers(pairs):
         key = name.removeprefix("encoder.")
         g = p.grad.numpy() if p.grad is not None else np.zeros(p.shape, np.float32)
         assert np.abs(got[key] - g).max() <= 1e-4 * max(np.abs(g).max(), 1e-12), key
+
+
+# -- text with times, the transcribe command -------------------------------------------------------------------
+def test_timestamps_follow_the_alignment(pairs):
+    _, model, _ = pairs("tiny")
+    rng = np.random.default_rng(9)
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (24000, 8000)]
+    plain = model.transcribe(waves)
+    timed = model.transcribe(waves, timestamps=True)
+    assert model.frame_seconds == pytest.approx(0.08)
+    res = model.encode(waves, embeddings=False)
+    ids = np.asarray(model.ctc_logits(res.hidden_states)).argmax(-1)
+    for t, text, row, n, w in zip(timed, plain, ids, res.lengths, waves, strict=True):
+        assert t.text == text
+        from granite_jax.ctc import token_runs
+
+        runs = token_runs(row[:n], model.config.pad_token_id)
+        assert [s.start for s in t.tokens] == [a * 0.08 for _, a, _ in runs]
+        assert [s.end for s in t.tokens] == [b * 0.08 for _, _, b in runs]
+        assert all(s.end <= len(w) / 16000 + 0.08 for s in t.tokens)
+        assert " ".join(x.text for x in t.words).replace(" ", "") == text.replace(" ", "")
+
+
+def test_transcribe_command(pairs, tmp_path):
+    import soundfile
+
+    from granite_jax.cli import main
+
+    _, model, _ = pairs("tiny")
+    ckpt = model.tokenizer.source
+    rng = np.random.default_rng(10)
+    for name, n in (("a.wav", 20000), ("b.flac", 9000)):
+        soundfile.write(tmp_path / name, (0.1 * rng.standard_normal(n)).astype(np.float32), 16000)
+    want = model.transcribe([str(tmp_path / "a.wav"), str(tmp_path / "b.flac")])
+    assert (
+        main(
+            [
+                "transcribe",
+                ckpt,
+                str(tmp_path / "a.wav"),
+                str(tmp_path / "b.flac"),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+                "--timestamps",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == ["a.wav", "b.flac"] and [r["text"] for r in rows] == want
+    assert all({"words", "tokens", "duration"} <= set(r) for r in rows)
+    assert main(["transcribe", ckpt, str(tmp_path / "a.wav"), "--out", str(tmp_path / "o.srt"), "--quiet"]) == 0
+    srt = (tmp_path / "o.srt").read_text()
+    assert srt.startswith("1\n00:00:00,") or not want[0].strip()
+    assert main(["transcribe", ckpt, str(tmp_path), "--out", str(tmp_path / "o.vtt"), "--quiet"]) == 1  # two files
+    assert not (tmp_path / "o.vtt").exists()
+
+
+# -- fine-tuning and back to transformers ---------------------------------------------------------------------
+def test_finetune_with_bpe_labels_and_export(pairs, tmp_path):
+    import soundfile
+    import torch
+    import transformers
+
+    from granite_jax.train import RunConfig, TrainConfig, finetune
+
+    _, model, proc = pairs("tiny")
+    rng = np.random.default_rng(11)
+    with open(tmp_path / "m.json", "w") as f:
+        for i, text in enumerate(["the quick fox", "hello world", "report to maria", "the lazy dog"]):
+            soundfile.write(
+                tmp_path / f"{i}.wav", (0.1 * rng.standard_normal(12000 + 800 * i)).astype(np.float32), 16000
+            )
+            f.write(json.dumps({"audio_filepath": f"{i}.wav", "text": text}) + "\n")
+    summary = finetune(
+        model.tokenizer.source,
+        str(tmp_path / "m.json"),
+        str(tmp_path / "tuned"),
+        eval_manifest=str(tmp_path / "m.json"),
+        train=TrainConfig(learning_rate=3e-3),
+        run=RunConfig(steps=4, batch_size=2, save_every=4, lora_rank=2),
+        progress=False,
+    )
+    assert np.isfinite(summary["loss"]) and summary["eval_cer"] >= 0.0
+    tuned = granite_jax.load(tmp_path / "tuned")
+    assert tuned.tokenizer is not None and isinstance(tuned.config, Speech5Config)
+    granite_jax.export_hf(tuned, tmp_path / "hf")
+    back = transformers.GraniteSpeech5ForCTC.from_pretrained(tmp_path / "hf").eval()
+    hf_proc = transformers.GraniteSpeech5Processor.from_pretrained(tmp_path / "hf")
+    w = (0.1 * rng.standard_normal(15000)).astype(np.float32)
+    inputs = hf_proc(w, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        want = hf_proc.batch_decode(back.generate(**inputs), skip_special_tokens=True)
+    assert tuned.transcribe([w]) == want
+    x = np.random.default_rng(12).standard_normal((1, 40, tuned.config.input_dim)).astype(np.float32)
+    assert rel_err(tuned.ctc_logits(tuned.encode_features(x)), _logits(back, x)) < TOL
+    del proc
+
+
+def test_round_trip_with_base_is_bit_exact(tmp_path, tokenizers_by_kind):
+    from granite_jax.safetensors_file import SafetensorsFile
+    from granite_jax.testing.hf5 import make_hf5_checkpoint
+
+    tok = tokenizers_by_kind["sentencepiece"]
+    cfg = dataclasses.replace(_tiny(), vocab_size=tok.get_vocab_size(), tie_word_embeddings=False)
+    make_hf5_checkpoint(cfg, tmp_path / "hf", seed=13, dtype="bfloat16", max_shard_size="40KB", tokenizer=tok)
+    convert_cli(tmp_path / "hf", tmp_path / "gj")
+    granite_jax.export_hf(granite_jax.load(tmp_path / "gj"), tmp_path / "out", base=tmp_path / "hf")
+
+    def tensors(folder):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        out = {}
+        for name in sorted(set(index["weight_map"].values())):
+            f = SafetensorsFile(folder / name)
+            out.update({k: f.get_tensor(k) for k in f})
+        return out
+
+    a, b = tensors(tmp_path / "hf"), tensors(tmp_path / "out")
+    assert set(a) == set(b) and any(k.startswith("ctc_head.") for k in a)
+    assert all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "hf"))

@@ -10,6 +10,7 @@ and exportable to Hugging Face (`granite-jax export`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -21,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from granite_jax import checkpoint, tiling
+from granite_jax import checkpoint, speech5
 from granite_jax.audio import load_audio
 from granite_jax.config import EncoderConfig, FeatureConfig
-from granite_jax.ctc import ctc_greedy_decode
 from granite_jax.modeling import GraniteSpeechEncoder, params_of
 from granite_jax.projector import projector_params_of
+from granite_jax.tokenizer import TOKENIZER_FILES
 from granite_jax.train import data, lora
 from granite_jax.train.loss import text_to_labels
 from granite_jax.train.step import TrainConfig, Trainer
@@ -46,7 +47,7 @@ class RunConfig:
     keep: int = 3
     lora_rank: int = 0
     lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
+    lora_targets: tuple[str, ...] | None = None  # None: every projection the family has (lora.targets_of)
     eval_batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -60,15 +61,18 @@ class RunConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
 
 
-def _char_labels(output_dim: int):
-    return lambda texts: text_to_labels(texts, output_dim)
+def labeller(runner):
+    """Texts -> CTC labels for this checkpoint: the tokenizer's BPE ids (Speech 5), or characters (4.x)."""
+    if runner.tokenizer is not None:
+        return runner.tokenizer.labels
+    return lambda texts: text_to_labels(texts, runner.config.output_dim)
 
 
-@nnx.jit
-def _greedy_ids(model, features, lengths):
+@functools.partial(nnx.jit, static_argnums=(3,))
+def _greedy_ids(model, features, lengths, family):
     valid = jnp.arange(features.shape[1])[None, :] < lengths[:, None]
-    hidden = tiling.encode(model, features, valid)[..., -model.config.hidden_dim :]
-    return jnp.argmax(model.out(hidden), axis=-1)
+    out = family.encode(model, features, valid, 8)
+    return jnp.argmax(family.ctc_logits(model, out.last_hidden_state), axis=-1)
 
 
 def evaluate(model, runner, utterances: Sequence[data.Utterance], batch_size: int = 8) -> dict[str, Any]:
@@ -83,7 +87,8 @@ def evaluate(model, runner, utterances: Sequence[data.Utterance], batch_size: in
         feats, lengths = runner.extract_features([load_audio(u.audio_filepath, sr) for u in chunk], sr)
         t = feats.shape[1]
         feats = jnp.pad(feats, ((0, 0), (0, runner.bucket_frames(t) - t), (0, 0)))
-        hyps += ctc_greedy_decode(np.asarray(_greedy_ids(model, feats, jnp.asarray(lengths))), lengths)
+        ids = np.asarray(_greedy_ids(model, feats, jnp.asarray(lengths), runner.family))
+        hyps += [runner.family.decode(row[:n]) for row, n in zip(ids, runner.output_lengths(lengths), strict=True)]
         refs += [u.text for u in chunk]
     scored = [(r, h if h.strip() else " ") for r, h in zip(refs, hyps, strict=True) if r.strip()]
     cer = jiwer.cer([r for r, _ in scored], [h for _, h in scored]) if scored else 0.0
@@ -148,8 +153,8 @@ def finetune(
     runner = granite_jax.load(ckpt, devices=devices)
     model = runner.model
     if from_scratch:  # new values in the same Variables (the runner stays bound to them)
-        nnx.update(model, nnx.state(GraniteSpeechEncoder(model.config, rngs=nnx.Rngs(run.seed))))
-    labels = _char_labels(model.config.output_dim)
+        nnx.update(model, nnx.state(type(model)(model.config, rngs=nnx.Rngs(run.seed))))
+    labels = labeller(runner)
     for u in train_set:  # every text must be labellable before the first step
         labels([u.text])
     if run.lora_rank:
@@ -228,9 +233,8 @@ def finetune(
         run_config=json.dumps(dataclasses.asdict(run)),
         dtype="float32",
     )
-    params = {
-        k: np.asarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in params_of(model).items()
-    }
+    flat = speech5.params_of(model) if isinstance(model, speech5.GraniteSpeech5Encoder) else params_of(model)
+    params = {k: np.asarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in flat.items()}
     projector = runner.projector
     checkpoint.save(
         out,
@@ -241,6 +245,11 @@ def finetune(
         projector_config=projector.config if projector is not None else None,
         projector_params=projector_params_of(projector) if projector is not None else None,
         feature_config=fc,
+        files={
+            n: os.path.join(runner.tokenizer.source, n)
+            for n in TOKENIZER_FILES
+            if runner.tokenizer is not None and os.path.isfile(os.path.join(runner.tokenizer.source, n))
+        },
     )
     summary.update(step=run.steps, loss=last.get("loss"), out=out, state_dir=state_dir)
     return summary

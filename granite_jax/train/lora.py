@@ -15,8 +15,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from granite_jax.modeling import GraniteSpeechEncoder
-
 # Projections a LoRA can target (paths inside a conformer block).
 TARGETS = (
     "attn.to_q",
@@ -28,6 +26,29 @@ TARGETS = (
     "ff2.down_proj",
 )
 DEFAULT_TARGETS = TARGETS
+# The same for Granite Speech 5's blocks.
+SPEECH5_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "feed_forward1.linear1",
+    "feed_forward1.linear2",
+    "feed_forward2.linear1",
+    "feed_forward2.linear2",
+)
+
+
+def targets_of(model) -> tuple[str, ...]:
+    """The projections a LoRA can target in `model`'s blocks."""
+    return SPEECH5_TARGETS if isinstance(model.layers, nnx.List) else TARGETS
+
+
+def _stacks(model) -> list:
+    """The stacked block modules: one for 4.x, one per segment for Granite Speech 5."""
+    if model.layers is None:
+        return []
+    return list(model.layers) if isinstance(model.layers, nnx.List) else [model.layers]
 
 
 class LoRALinear(nnx.Module):
@@ -58,52 +79,58 @@ class LoRALinear(nnx.Module):
         return self.base
 
 
-def _parent(model: GraniteSpeechEncoder, target: str):
-    if target not in TARGETS:
-        raise ValueError(f"LoRA target {target!r} is not one of {', '.join(TARGETS)}")
-    if model.layers is None:
+def _parents(model, target: str) -> list[tuple[nnx.Module, str]]:
+    """(module, attribute) holding `target` in every stack of blocks."""
+    allowed = targets_of(model)
+    if target not in allowed:
+        raise ValueError(f"LoRA target {target!r} is not one of {', '.join(allowed)}")
+    stacks = _stacks(model)
+    if not stacks:
         raise ValueError("this encoder has no blocks to put LoRA adapters on")
     owner, name = target.split(".")
-    return getattr(model.layers, owner), name
+    return [(getattr(stack, owner), name) for stack in stacks]
 
 
 def add_lora(
-    model: GraniteSpeechEncoder,
+    model,
     rank: int,
     alpha: float | None = None,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    targets: Sequence[str] | None = None,
     seed: int = 0,
 ) -> list[str]:
-    """Wrap the `targets` projections of every block in LoRA adapters of `rank` (alpha defaults to rank, a
-    scale of 1). Returns the targets wrapped."""
+    """Wrap the `targets` projections (default: all of `targets_of(model)`) of every block in LoRA adapters
+    of `rank` (alpha defaults to rank, a scale of 1). Returns the targets wrapped."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     alpha = float(rank if alpha is None else alpha)
-    keys = jax.random.split(jax.random.key(seed), len(targets))
+    targets = targets_of(model) if targets is None else tuple(targets)
+    key = jax.random.key(seed)
     done = []
-    for target, key in zip(targets, keys, strict=True):
-        parent, name = _parent(model, target)
-        module = getattr(parent, name)
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"{target} already has a LoRA adapter")
-        setattr(parent, name, LoRALinear(module, rank, alpha, key))
+    for target in targets:
+        for parent, name in _parents(model, target):
+            module = getattr(parent, name)
+            if isinstance(module, LoRALinear):
+                raise ValueError(f"{target} already has a LoRA adapter")
+            key, sub = jax.random.split(key)
+            setattr(parent, name, LoRALinear(module, rank, alpha, sub))
         done.append(target)
     return done
 
 
-def merge_lora(model: GraniteSpeechEncoder) -> list[str]:
+def merge_lora(model) -> list[str]:
     """Fold every LoRA adapter into its base kernel; the module tree is the plain one again."""
     merged = []
-    for target in TARGETS:
-        if model.layers is None:
-            break
-        parent, name = _parent(model, target)
-        module = getattr(parent, name)
-        if isinstance(module, LoRALinear):
-            setattr(parent, name, module.merged())
-            merged.append(target)
+    for target in targets_of(model) if _stacks(model) else ():
+        for parent, name in _parents(model, target):
+            module = getattr(parent, name)
+            if isinstance(module, LoRALinear):
+                setattr(parent, name, module.merged())
+                if target not in merged:
+                    merged.append(target)
     return merged
 
 
-def has_lora(model: GraniteSpeechEncoder) -> bool:
-    return model.layers is not None and any(isinstance(getattr(*_parent(model, t)), LoRALinear) for t in TARGETS)
+def has_lora(model) -> bool:
+    return bool(_stacks(model)) and any(
+        isinstance(getattr(p, n), LoRALinear) for t in targets_of(model) for p, n in _parents(model, t)
+    )

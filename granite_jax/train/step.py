@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from granite_jax.devices import AXIS, DeviceSpec, resolve_devices
 from granite_jax.modeling import ConformerBlock, GraniteSpeechEncoder, Plain, Strategy
-from granite_jax.nnx_params import path_str
+from granite_jax.nnx_params import _names
 from granite_jax.train.loss import Batch, ctc_loss_and_metrics
 
 
@@ -168,13 +168,14 @@ def trainable_mask(
     freeze: Sequence[str] = (),
     train_only: Sequence[str] | None = None,
     wrt: Any = nnx.Param,
-    stacked: str = "layers",
+    stacked: Any = None,
 ) -> tuple[Any, int, int]:
     """(a 0/1 mask shaped like `nnx.state(model, wrt)`, trainable values, frozen values).
 
     A parameter trains when it matches `train_only` (all, when None) and no pattern of `freeze`. Names are
     the checkpoints' (`layers.3.attn.to_q.kernel`): a stacked variable gets a mask per layer.
     """
+    stacked = stacked if stacked is not None else getattr(model, "stacking", "layers")
     freeze_re = [_compile_pattern(p) for p in freeze]
     only_re = None if train_only is None else [_compile_pattern(p) for p in train_only]
     used = set()
@@ -192,13 +193,12 @@ def trainable_mask(
     counts = [0, 0]
 
     def leaf(path, value):
-        names = [path_str(path)]
-        if path and path[0] == stacked:
-            names = [path_str((stacked, i) + tuple(path[1:])) for i in range(value.shape[0])]
-            flags = np.array([trains(n) for n in names], np.float32).reshape((-1,) + (1,) * (value.ndim - 1))
+        entries = list(_names(path, value.shape, stacked))
+        if entries[0][1] is None:
+            flags = np.array(trains(entries[0][0]), np.float32)
         else:
-            flags = np.array(trains(names[0]), np.float32)
-        per = value.size // (len(names) or 1)
+            flags = np.array([trains(n) for n, _ in entries], np.float32).reshape((-1,) + (1,) * (value.ndim - 1))
+        per = value.size // len(entries)
         counts[0] += int(flags.sum()) * per
         counts[1] += int((1 - flags).sum()) * per
         return jnp.asarray(flags)
