@@ -40,7 +40,8 @@ CASES: dict[str, tuple[int, int]] = {  # name -> (batch, seconds of audio per ro
     "120s": (1, 120),
     "8x30s": (8, 30),
     "600s": (1, 600),
-    "32x30s": (32, 30),  # the GPU case
+    "32x30s": (32, 30),  # the GPU cases
+    "64x30s": (64, 30),
 }
 DEFAULT_CASES = ("10s", "30s", "120s", "8x30s")
 CHECK_CASE = "10s"  # the case whose outputs are compared between torch and jax
@@ -250,14 +251,13 @@ def worker(
         extra = {"torch_threads": torch.get_num_threads(), "backend": f"torch {torch_device}, {torch_dtype}"}
     elif side == "jax":
         import jax
-        from flax import nnx
 
         import granite_jax
 
         rss_import = current_rss_bytes()
         t0 = time.perf_counter()
         model = granite_jax.load(ckpt, buckets=buckets, dtype=dtype)
-        jax.block_until_ready(nnx.state(model.model))
+        jax.block_until_ready(model.parameters())
         load_s = time.perf_counter() - t0
 
         def call() -> None:
@@ -622,7 +622,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--jax-dtype", default="float32", choices=("float32", "bfloat16"), help="granite_jax weights and compute"
     )
     p.add_argument("--torch-device", default="cpu", help="torch device for the reference side (cpu, cuda)")
-    p.add_argument("--torch-dtype", default="float32", choices=("float32", "bfloat16"), help="torch reference dtype")
+    p.add_argument(
+        "--torch-dtype", default="float32", choices=("float32", "bfloat16", "float64"), help="torch reference dtype"
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write the raw results as JSON")
     p.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     # internal: one worker process

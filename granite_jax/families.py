@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from granite_jax import tiling
+from granite_jax import speech5, tiling
 from granite_jax.config import FeatureConfig, Speech5FeatureConfig
 from granite_jax.ctc import Transcript, align
 from granite_jax.features import log_mel, min_samples, num_encoder_frames, speech5_features, speech5_frames
-from granite_jax.modeling import EncoderOutput
+from granite_jax.modeling import EncoderOutput, masked
 from granite_jax.tokenizer import CTCTokenizer, char_decode
 
 
@@ -50,6 +50,37 @@ class Granite4:
     def encode(self, model, features, valid, chunk_blocks, hidden_states: bool = False) -> EncoderOutput:
         out = tiling.forward(model, features, valid, chunk_blocks, hidden_states=hidden_states)
         return out._replace(valid=valid)
+
+    # -- one block per call (layerwise.py): carry = the blocks' (x, kept outputs, None); aux = what they read
+    def stacks(self, model) -> list:
+        return [model.layers] if self.config.num_layers else []
+
+    def block_kinds(self) -> list[tuple[int, bool]]:
+        """(its stack, whether its output is shorter than its input) per block."""
+        return [(0, False)] * self.config.num_layers
+
+    def begin(self, model, features, valid, chunk_blocks, hidden_states: bool = False):
+        """(carry, aux): the input projection, the batch padded to whole tiles."""
+        strategy, padded, padded_valid = tiling.pad_to_tiles(model, features, valid, chunk_blocks)
+        carry, embedded = model.begin(padded, padded_valid, strategy, model.kept_layers(hidden_states))
+        if not (hidden_states or 0 in self.config.exported_layers):
+            embedded = None  # unread: not kept beside the carry that the blocks overwrite
+        return carry, (embedded, padded_valid, valid)
+
+    def carry_spec(self, spec):
+        return (spec, jax.sharding.PartitionSpec(None, *spec), spec)  # (x, kept (layers, batch, ...), None)
+
+    def step(self, model, block, carry, aux, i, kind, chunk_blocks, hidden_states: bool = False):
+        """Block i on the carry: (carry, None)."""
+        _, slots, _ = model.layer_inputs(model.kept_layers(hidden_states))
+        strategy = tiling.strategy(model, chunk_blocks)
+        carry = model.block_step(block, carry, (i, jnp.asarray(slots)[i], None), valid=aux[1], strategy=strategy)
+        return carry, None
+
+    def end(self, model, carry, aux, states, hidden_states: bool = False) -> EncoderOutput:
+        embedded, padded_valid, valid = aux
+        out = model.finish(embedded, carry, padded_valid, model.kept_layers(hidden_states), hidden_states)
+        return tiling.cut_back(out, *valid.shape)._replace(valid=valid)
 
     def output_lengths(self, frames):
         return frames
@@ -100,6 +131,33 @@ class Granite5:
 
     def encode(self, model, features, valid, chunk_blocks, hidden_states: bool = False) -> EncoderOutput:
         return model.forward(features, valid, hidden_states=hidden_states)
+
+    # -- one block per call (layerwise.py): carry = (x, its mask); aux = the input projection
+    def stacks(self, model) -> list:
+        return list(model.layers)
+
+    def block_kinds(self) -> list[tuple[int, bool]]:
+        """(its stack, whether its output is shorter than its input) per block."""
+        out = []
+        for s, (start, end, subsampling) in enumerate(speech5.segments(self.config)):
+            out += [(s, subsampling)] * (end - start)
+        return out
+
+    def begin(self, model, features, valid, chunk_blocks, hidden_states: bool = False):
+        x = masked(model.input_linear(features), valid)
+        return (x, valid), (x if hidden_states else None)
+
+    def carry_spec(self, spec):
+        return spec
+
+    def step(self, model, block, carry, aux, i, kind, chunk_blocks, hidden_states: bool = False):
+        """Block i: (carry, its own output as HF's hidden_states keep it, or None)."""
+        x, valid, own, _ = model.block_step(block, *carry, i, kind[1])
+        return (x, valid), own if hidden_states else None
+
+    def end(self, model, carry, aux, states, hidden_states: bool = False) -> EncoderOutput:
+        x, valid = carry
+        return EncoderOutput(x, (aux, *states) if hidden_states else None, None, valid)
 
     def output_lengths(self, frames):
         return self.config.output_frames(frames)

@@ -39,14 +39,35 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
         raise ValueError(f"unsupported activation {name!r} (one of {', '.join(ACTIVATIONS)})") from None
 
 
+def low_precision(dtype) -> bool:
+    """True for the 16-bit float compute dtypes (bf16, fp16)."""
+    return dtype is not None and jnp.dtype(dtype).itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
+
+
+def accumulator(dtype) -> jnp.dtype | None:
+    """The `preferred_element_type` of a matmul in `dtype`: fp32 for 16-bit floats (products summed in fp32,
+    which is also the form that CPUs with AVX512-BF16 and GPUs' tensor cores run fastest), else None."""
+    return jnp.float32 if low_precision(dtype) else None
+
+
 class Linear(nnx.Linear):
     """`nnx.Linear` on the input flattened to (frames, features): the same result, and the backward pass's
     weight gradient becomes one 2-D matmul (XLA CPU runs the 3-D contraction it would be otherwise at well
-    under the speed of a plain GEMM)."""
+    under the speed of a plain GEMM). In a 16-bit compute dtype the products are summed in fp32, the bias
+    added in fp32, and the result rounded once."""
 
     def __call__(self, inputs: jax.Array, *, out_sharding=None) -> jax.Array:
         lead = inputs.shape[:-1]
-        out = super().__call__(inputs.reshape(-1, inputs.shape[-1]), out_sharding=out_sharding)
+        x = inputs.reshape(-1, inputs.shape[-1])
+        dtype = self.dtype or inputs.dtype
+        if low_precision(dtype):
+            kernel = self.kernel[...].astype(dtype)
+            out = jnp.dot(x.astype(dtype), kernel, preferred_element_type=jnp.float32, out_sharding=out_sharding)
+            if self.bias is not None:
+                out = out + self.bias[...].astype(jnp.float32)
+            out = out.astype(dtype)
+        else:
+            out = super().__call__(x, out_sharding=out_sharding)
         return out.reshape(*lead, out.shape[-1])
 
 

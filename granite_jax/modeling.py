@@ -14,6 +14,7 @@ training) is a `Strategy`, passed in by the caller; `tiling.py` holds the tiled 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, Protocol
 
@@ -24,7 +25,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from granite_jax.config import EncoderConfig
-from granite_jax.layers import BatchNorm1d, Dropout, dense, layer_norm, split_key
+from granite_jax.layers import BatchNorm1d, Dropout, accumulator, dense, layer_norm, split_key
 from granite_jax.nnx_params import (
     abstract_variables,
     module_from_params,
@@ -84,7 +85,7 @@ class Attention(nnx.Module):
         out = local_attention(self.to_q(x), k, v, valid, self.num_heads, self.context_size, self.relative_logits)
         return self.dropout(self.to_out(out), key)
 
-    def relative_logits(self, q: Float[Array, "b n c h d"]) -> Float[Array, "b n h c c"]:
+    def relative_logits(self, q: Float[Array, "b n h c d"]) -> Float[Array, "b n h c c"]:
         """Shaw term q_i . E[clamp(i - j) + max_pos_emb] (see `shaw_logits`)."""
         return shaw_logits(q, self.rel_pos_emb.embedding[...], self.max_pos_emb)
 
@@ -100,35 +101,41 @@ def local_attention(
     weights_dropout: Callable[[Array], Array] | None = None,
 ) -> Float[Array, "b t hd"]:
     """Block-local attention: T padded to whole blocks of `context_size`, each frame attending within its block
-    to the valid keys, logits (q.k + relative(q)) / sqrt(head_dim) with the softmax in fp32."""
+    to the valid keys, logits (q.k + relative(q)) / sqrt(head_dim) with the softmax in fp32.
+
+    Heads are moved ahead of frames once, (b, n, h, c, d), so that every product is a plain batched matmul
+    (XLA CPU runs the strided forms at a fraction of the speed); 16-bit inputs are multiplied with fp32 sums.
+    """
     b, t, _ = q.shape
     c, h = context_size, num_heads
     n = -(-t // c)
     pad = ((0, 0), (0, n * c - t), (0, 0))
-    q, k, v = (jnp.pad(a, pad).reshape(b, n, c, h, -1) for a in (q, k, v))
-    logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q, k) + relative(q)  # (b n h c c)
+    q, k, v = (jnp.pad(a, pad).reshape(b, n, c, h, -1).transpose(0, 1, 3, 2, 4) for a in (q, k, v))
+    acc = accumulator(q.dtype)
+    logits = jnp.einsum("bnhqd,bnhkd->bnhqk", q, k, preferred_element_type=acc) + relative(q)  # (b n h c c)
     logits = logits.astype(jnp.float32) * q.shape[-1] ** -0.5
     key_valid = jnp.pad(valid, pad[:2]).reshape(b, n, 1, 1, c)
     logits = jnp.where(key_valid, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     if weights_dropout is not None:
         weights = weights_dropout(weights)
-    return jnp.einsum("bnhqk,bnkhd->bnqhd", weights, v).reshape(b, n * c, -1)[:, :t]  # (b t h*d)
+    out = jnp.einsum("bnhqk,bnhkd->bnhqd", weights, v, preferred_element_type=acc).astype(v.dtype)
+    return out.transpose(0, 1, 3, 2, 4).reshape(b, n * c, -1)[:, :t]  # (b t h*d)
 
 
-def shaw_logits(q: Float[Array, "b n c h d"], embedding: Float[Array, "p d"], max_pos: int) -> Array:
+def shaw_logits(q: Float[Array, "b n h c d"], embedding: Float[Array, "p d"], max_pos: int) -> Array:
     """Shaw's relative term q_i . E[clamp(i - j) + max_pos] within each block, without gathering a (c, c, d)
-    table: (b, n, h, c, c).
+    table: (b, n, h, c, c), summed in fp32 for 16-bit q.
 
     Within a block i - j only takes the 2c - 1 values -(c-1)..c-1, so q meets those table rows in one
     matmul; then the usual relative shift (pad one column, flatten, re-cut rows of 2c - 1) moves each
     query's row so that column j holds distance i - j.
     """
-    b, n, c, h, _ = q.shape
+    b, n, h, c, _ = q.shape
     r = 2 * c - 1
     rows = max_pos + c - 1 - np.arange(r)  # column s <-> distance c - 1 - s (clamp never binds)
     table = embedding[rows].astype(q.dtype)  # (r, d)
-    scores = jnp.einsum("bnqhd,rd->bnhqr", q, table)  # (b n h c r): column s = distance c - 1 - s
+    scores = jnp.einsum("bnhqd,rd->bnhqr", q, table, preferred_element_type=accumulator(q.dtype))  # (b n h c r)
     flat = jnp.pad(scores, ((0, 0),) * 4 + ((0, 1),)).reshape(b, n, h, c * (r + 1))
     # Query i's distances i - j for j = 0..c-1 sit at columns c - 1 - i + j: a run of c from flat offset
     # c - 1 + i * r once rows are r + 1 wide.
@@ -344,83 +351,106 @@ class GraniteSpeechEncoder(nnx.Module):
         hidden_states: bool = False,
         mid_logits: bool = False,
     ) -> EncoderOutput:
-        """The encoder, with HF's per-layer `hidden_states` and the intermediate CTC logits on request."""
+        """The encoder, with HF's per-layer `hidden_states` and the intermediate CTC logits on request.
+
+        The input projection (`begin`), every block in one scan (`block_step`), the outputs (`finish`): the
+        runner calls the same three pieces one block at a time (layerwise.py).
+        """
+        if valid is None:
+            valid = jnp.ones(features.shape[:2], bool)
+        keep = self.kept_layers(hidden_states)
+        carry, embedded = self.begin(features, valid, strategy, keep, mid_logits)
+        if self.config.num_layers:
+            mutable = None if self.layers.conv.batch_norm.use_running_average else nnx.BatchStat
+            step = functools.partial(self.block_step, valid=valid, strategy=strategy)
+            carry = scan_stacked(self.layers, step, carry, self.layer_inputs(keep, key), mutable=mutable)
+        return self.finish(embedded, carry, valid, keep, hidden_states)
+
+    def kept_layers(self, hidden_states: bool = False) -> tuple[int, ...]:
+        """The 1-based blocks, short of the last, whose outputs are kept: the plus exports, or all of them
+        for `hidden_states`."""
+        cfg = self.config
+        keep = set(range(1, cfg.num_layers + 1)) if hidden_states else set(cfg.exported_layers) - {0}
+        return tuple(sorted(keep - {cfg.num_layers}))
+
+    def begin(
+        self,
+        features: Float[Array, "b t f"],
+        valid: Bool[Array, "b t"],
+        strategy: Strategy = PLAIN,
+        keep: tuple[int, ...] = (),
+        mid_logits: bool = False,
+    ) -> tuple[tuple, Float[Array, "b t d"]]:
+        """The input projection: ((x, kept outputs, mid logits or None), x) for the blocks."""
         cfg = self.config
         if features.shape[-1] != cfg.input_dim:
             raise ValueError(f"features have {features.shape[-1]} channels, the encoder expects {cfg.input_dim}")
-        if valid is None:
-            valid = jnp.ones(features.shape[:2], bool)
         x = strategy.per_frame(lambda f, v: self.input_linear(masked(f, v)), features, valid)
         if not cfg.num_layers:
             x = masked(x, valid)
-        embedded = x
-        # 1-based layers whose outputs are kept: the plus exports, or all of them for hidden_states
-        keep = set(range(1, cfg.num_layers + 1)) if hidden_states else set(cfg.exported_layers) - {0}
-        x, saved, logits = self._blocks(x, valid, strategy, key, sorted(keep - {cfg.num_layers}), mid_logits)
-        outputs = {0: embedded, cfg.num_layers: x} | dict(zip(sorted(keep - {cfg.num_layers}), saved, strict=True))
+        saved = jnp.zeros((len(keep),) + x.shape, x.dtype)
+        with_logits = mid_logits and cfg.self_conditioning_layer > 0
+        logits = jnp.zeros(x.shape[:2] + (cfg.output_dim,), x.dtype) if with_logits else None
+        return (x, saved, logits), x
+
+    def layer_inputs(self, keep: tuple[int, ...], key: Array | None = None) -> tuple:
+        """What each block's step takes besides the carry, stacked over blocks: (index, its row in the kept
+        outputs or -1, its dropout key or None)."""
+        cfg = self.config
+        slots = np.full(cfg.num_layers, -1, np.int32)  # block (0-based) -> its row in `saved`, or -1
+        slots[np.asarray(keep, int) - 1] = np.arange(len(keep))
+        keys = jnp.stack(split_key(key, cfg.num_layers)) if key is not None else None
+        return np.arange(cfg.num_layers, dtype=np.int32), slots, keys
+
+    def block_step(self, block: ConformerBlock, carry: tuple, layer: tuple, *, valid: Array, strategy: Strategy):
+        """Block i, then the self-conditioning if i = num_layers // 2, padding zeroed, the output kept if
+        asked: (x, saved, logits) -> the same.
+
+        With `logits` (the mid CTC logits) the self-conditioning runs on the whole batch, not per tile. The
+        reference appends an export before its in-place `+=`, so the export at the self-conditioning block
+        already includes that term: keeping it after matches.
+        """
+        (x, saved, logits), (i, slot, k) = carry, layer
+        mid = self.config.self_conditioning_layer - 1  # 0-based block; -1: none
+
+        def after(out, valid):
+            if mid >= 0 and logits is None:
+                out = jax.lax.cond(i == mid, lambda o: self.self_condition(o)[0], lambda o: o, out)
+            return masked(out, valid)  # no valid frame reads the padding; zeros keep it finite
+
+        x = strategy.block(block, x, valid, after, k)
+        if logits is not None:  # the whole batch at once, keeping the logits
+            unconditioned = (x, jnp.zeros(x.shape[:2] + (self.config.output_dim,), x.dtype))
+            x, here = jax.lax.cond(i == mid, self.self_condition, lambda o: unconditioned, x)
+            x = masked(x, valid)
+            logits = jnp.where(i == mid, here, logits)
+        if saved.shape[0]:
+            saved = jax.lax.cond(
+                slot >= 0, lambda s: jax.lax.dynamic_update_index_in_dim(s, x, slot, 0), lambda s: s, saved
+            )
+        return x, saved, logits
+
+    def finish(
+        self,
+        embedded: Float[Array, "b t d"],
+        carry: tuple,
+        valid: Bool[Array, "b t"],
+        keep: tuple[int, ...] = (),
+        hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """The outputs from the input projection and the blocks' carry: for plus, the exports in layer
+        order then the final layer; `hidden_states` stacked (the input projection zeroed past the lengths
+        here; the blocks never read it)."""
+        cfg = self.config
+        x, saved, logits = carry
+        outputs = {0: embedded, cfg.num_layers: x} | {i: saved[j] for j, i in enumerate(keep)}
         last = x
         if cfg.exported_layers:  # plus: [exports in layer order..., final]
             last = masked(jnp.concatenate([outputs[i] for i in cfg.exported_layers] + [x], axis=-1), valid)
         states = None
-        if hidden_states:  # (the input projection is zeroed past the lengths here; the blocks never read it)
+        if hidden_states:
             states = jnp.stack([masked(outputs[0], valid)] + [outputs[i] for i in range(1, cfg.num_layers + 1)])
         return EncoderOutput(last, states, logits)
-
-    def _blocks(
-        self,
-        x: Float[Array, "b t d"],
-        valid: Bool[Array, "b t"],
-        strategy: Strategy,
-        key: Array | None,
-        keep: list[int],
-        mid_logits: bool,
-    ) -> tuple[Float[Array, "b t d"], Float[Array, "e b t d"], Array | None]:
-        """All blocks in one scan; after block i: the self-conditioning (i = num_layers // 2), padding zeroed.
-
-        Returns the last block's output, the outputs of the (1-based) blocks in `keep`, and the self-
-        conditioning block's CTC logits when `mid_logits` (computed on the whole batch then, not per tile).
-        The reference appends an export before its in-place `+=`, so the export at the self-conditioning
-        block already includes that term: taking it after matches.
-        """
-        cfg = self.config
-        if not cfg.num_layers:
-            return x, [], None
-        mid = cfg.self_conditioning_layer - 1  # 0-based block; -1: none
-        slots = np.full(cfg.num_layers, -1, np.int32)  # block (0-based) -> its row in `saved`, or -1
-        slots[np.asarray(keep, int) - 1] = np.arange(len(keep))
-        saved = jnp.zeros((len(keep),) + x.shape, x.dtype)
-        logits = jnp.zeros(x.shape[:2] + (cfg.output_dim,), x.dtype) if mid_logits and mid >= 0 else None
-        keys = jnp.stack(split_key(key, cfg.num_layers)) if key is not None else None
-
-        def condition(x):  # (self-conditioned x, its logits)
-            return self.self_condition(x)
-
-        def unconditioned(x):
-            return x, jnp.zeros(x.shape[:2] + (cfg.output_dim,), x.dtype)
-
-        def step(block: ConformerBlock, carry, layer):
-            (x, saved, logits), (i, slot, k) = carry, layer
-
-            def after(out, valid):
-                if mid >= 0 and logits is None:
-                    out = jax.lax.cond(i == mid, lambda o: condition(o)[0], lambda o: o, out)
-                return masked(out, valid)  # no valid frame reads the padding; zeros keep it finite
-
-            x = strategy.block(block, x, valid, after, k)
-            if logits is not None:  # the whole batch at once, keeping the logits
-                x, here = jax.lax.cond(i == mid, condition, unconditioned, x)
-                x = masked(x, valid)
-                logits = jnp.where(i == mid, here, logits)
-            if keep:
-                saved = jax.lax.cond(
-                    slot >= 0, lambda s: jax.lax.dynamic_update_index_in_dim(s, x, slot, 0), lambda s: s, saved
-                )
-            return x, saved, logits
-
-        mutable = None if self.layers.conv.batch_norm.use_running_average else nnx.BatchStat
-        xs = (jnp.arange(cfg.num_layers), jnp.asarray(slots), keys)
-        x, saved, logits = scan_stacked(self.layers, step, (x, saved, logits), xs, mutable=mutable)
-        return x, list(saved), logits
 
     def layer(self, i: int) -> ConformerBlock:
         """Block i (0-based) as a module of its own, holding a copy of its slice of the stacked weights.

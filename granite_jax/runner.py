@@ -25,6 +25,7 @@ from granite_jax.ctc import Transcript, ctc_greedy_decode, ctc_greedy_ids
 from granite_jax.devices import REPLICATED, ROWS, DeviceSpec, RowMesh, resolve_devices
 from granite_jax.families import Granite4, Granite5
 from granite_jax.features import prepare_waveforms
+from granite_jax.layerwise import BlockWeights
 from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params, masked
 from granite_jax.projector import GraniteSpeechProjector, num_audio_embeddings, projector_from_params
 from granite_jax.speech5 import GraniteSpeech5Encoder
@@ -125,6 +126,11 @@ class Runner:
     of two Runners on one module the later one's devices win. Batches are split by rows over a 1-D mesh
     with axis "batch", padded to a multiple of the device count with dummy rows that are dropped again. The
     result is the same as on one device; it stays sharded when the batch is a multiple of the device count.
+
+    `layerwise` (what `load` passes): the runner takes the blocks' weights out of the module's stacked
+    arrays into arrays of their own and runs one compiled block per call on each (XLA CPU copies every slice
+    of stacked weights before its matmuls: see layerwise.py). The results are the same. Reading `model`
+    stacks the weights back, and the runner then runs the module as it is.
     """
 
     def __init__(
@@ -138,11 +144,12 @@ class Runner:
         chunk_blocks: int | None = 8,
         provenance: dict | None = None,
         devices: DeviceSpec = None,
+        layerwise: bool = False,
     ):
         _check_chunk_blocks(chunk_blocks)
         self.rows = RowMesh(devices)
         self.devices, self.mesh = self.rows.devices, self.rows.mesh
-        self.model = model
+        self._module = model
         self.config: EncoderConfig | Speech5Config = model.config
         self.projector = projector
         self.projector_config: ProjectorConfig | None = projector.config if projector is not None else None
@@ -166,6 +173,8 @@ class Runner:
         for bound in (self._encoder, self._projector):
             if bound is not None:
                 bound.place(self.rows.replicated)  # once; zero-copy when already on the one device
+        stacks = self.family.stacks(model)
+        self._blocks = BlockWeights(stacks) if layerwise and stacks else None
         self._traces = 0
         on_rows = self.rows.rows
         self._forward = jax.jit(self._forward_impl, static_argnames=("hidden_states",))
@@ -173,6 +182,29 @@ class Runner:
         self._features = jax.jit(self._features_impl, static_argnames=("hf_batch",), out_shardings=on_rows)
         self._project = jax.jit(self._project_impl, out_shardings=on_rows)
         self._ctc = jax.jit(self._ctc_impl)
+        self._begin = jax.jit(self._begin_impl, static_argnames=("hf_batch", "waveforms", "hidden_states"))
+        self._block = jax.jit(self._block_impl, static_argnames=("kind", "hidden_states"), donate_argnames="carry")
+        self._shrinking_block = jax.jit(self._block_impl, static_argnames=("kind", "hidden_states"))
+        self._end = jax.jit(self._end_impl, static_argnames=("with_projector", "hidden_states"))
+
+    @property
+    def model(self) -> GraniteSpeechEncoder | GraniteSpeech5Encoder:
+        """The encoder's NNX module. A layerwise runner (what `load` builds) first stacks the blocks' weights
+        back into it, and from then on runs the module as it is (one compiled call, the blocks in a scan)."""
+        if self._blocks is not None:
+            self._blocks.restore()
+            self._blocks = None
+        return self._module
+
+    def parameters(self) -> list[jax.Array]:
+        """Every weight array the runner computes with (encoder, blocks, projector), without touching `model`."""
+        out = self._encoder.values() + ([x for _, v in self._blocks.blocks for x in v] if self._blocks else [])
+        return out + (self._projector.values() if self._projector is not None else [])
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether the blocks run one per call on weights of their own (see layerwise.py)."""
+        return self._blocks is not None
 
     # -- the compiled functions (the body of each runs once per trace: per compiled shape) ---------------
     def _run_encoder(self, values, features, frame_lengths, hidden_states: bool = False):
@@ -215,17 +247,84 @@ class Runner:
         def rows(enc_values, proj_values, waveforms, sample_lengths, frame_lengths):
             features = self.family.features(waveforms, sample_lengths, hf_batch).astype(self._compute_dtype)
             hidden, states, valid = self._run_encoder(enc_values, features, frame_lengths, hidden_states)
-            ok = _finite_rows(hidden, valid)
-            embeddings = None
-            if with_projector:
-                embeddings = self._projector.merge(proj_values)(hidden)
-                counts = _embedding_counts(frame_lengths, self.projector_config)
-                ok &= _finite_rows(embeddings, _valid(counts, embeddings.shape[1]))
+            embeddings, ok = self._project_checked(proj_values, hidden, valid, frame_lengths, with_projector)
             return features, hidden, embeddings, states, ok
 
         out_specs = (ROWS, ROWS, ROWS, self.family.states_spec(ROWS), ROWS)
         run = self.rows.per_device(rows, (REPLICATED, REPLICATED, ROWS, ROWS, ROWS), out_specs)
         return run(enc_values, proj_values, waveforms, sample_lengths, frame_lengths)
+
+    def _project_checked(self, proj_values, hidden, valid, frame_lengths, with_projector: bool):
+        """(the projector's embeddings or None, whether each row's hidden states and embeddings are finite)."""
+        ok = _finite_rows(hidden, valid)
+        embeddings = None
+        if with_projector:
+            embeddings = self._projector.merge(proj_values)(hidden)
+            counts = _embedding_counts(frame_lengths, self.projector_config)
+            ok &= _finite_rows(embeddings, _valid(counts, embeddings.shape[1]))
+        return embeddings, ok
+
+    # -- one block per call (layerwise.py): begin, each block, end ---------------------------------------
+    def _begin_impl(self, values, x, x_lengths, frame_lengths, hf_batch, waveforms, hidden_states):
+        self._traces += 1  # one per input shape: the blocks' and the end's shapes follow from it
+        fam = self.family
+
+        def rows(values, x, x_lengths, frame_lengths):
+            features = fam.features(x, x_lengths, hf_batch).astype(self._compute_dtype) if waveforms else x
+            valid = _valid(frame_lengths, features.shape[1])
+            model = self._encoder.merge(values)
+            carry, aux = fam.begin(model, features, valid, self.chunk_blocks, hidden_states)
+            return features, _finite_rows(features, valid), carry, aux
+
+        out_specs = (ROWS, ROWS, fam.carry_spec(ROWS), ROWS)
+        return self.rows.per_device(rows, (REPLICATED, ROWS, ROWS, ROWS), out_specs)(
+            values, x, x_lengths, frame_lengths
+        )
+
+    def _block_impl(self, values, block_values, carry, aux, i, kind, hidden_states):
+        fam = self.family
+
+        def rows(values, block_values, carry, aux, i):
+            model, block = self._encoder.merge(values), self._blocks.merge(kind[0], block_values)
+            return fam.step(model, block, carry, aux, i, kind, self.chunk_blocks, hidden_states)
+
+        spec = fam.carry_spec(ROWS)
+        run = self.rows.per_device(rows, (REPLICATED, REPLICATED, spec, ROWS, REPLICATED), (spec, ROWS))
+        return run(values, block_values, carry, aux, i)
+
+    def _end_impl(self, values, proj_values, carry, aux, states, frame_lengths, with_projector, hidden_states):
+        fam = self.family
+
+        def rows(values, proj_values, carry, aux, states, frame_lengths):
+            out = fam.end(self._encoder.merge(values), carry, aux, states, hidden_states)
+            hidden, valid = out.last_hidden_state, out.valid
+            embeddings, ok = self._project_checked(proj_values, hidden, valid, frame_lengths, with_projector)
+            return hidden, embeddings, out.hidden_states, ok
+
+        in_specs = (REPLICATED, REPLICATED, fam.carry_spec(ROWS), ROWS, ROWS, ROWS)
+        out_specs = (ROWS, ROWS, fam.states_spec(ROWS), ROWS)
+        return self.rows.per_device(rows, in_specs, out_specs)(values, proj_values, carry, aux, states, frame_lengths)
+
+    def _layerwise(
+        self, x, x_lengths, frame_lengths, *, hf_batch=False, waveforms=False, with_projector=False, hidden_states=False
+    ):
+        """(features, their rows' finiteness, hidden, embeddings, per-layer states, outputs' finiteness)."""
+        values = self._encoder.values()
+        flags = dict(hidden_states=hidden_states)
+        features, finite_in, carry, aux = self._begin(
+            values, x, x_lengths, frame_lengths, hf_batch=hf_batch, waveforms=waveforms, **flags
+        )
+        states = []
+        for i, (kind, (_, block_values)) in enumerate(zip(self.family.block_kinds(), self._blocks.blocks, strict=True)):
+            step = self._shrinking_block if kind[1] else self._block
+            carry, own = step(values, block_values, carry, aux, np.int32(i), kind=kind, **flags)
+            if own is not None:
+                states.append(own)
+        proj_values = self._projector.values() if with_projector else None
+        hidden, emb, states, ok = self._end(
+            values, proj_values, carry, aux, tuple(states), frame_lengths, with_projector=with_projector, **flags
+        )
+        return features, finite_in, hidden, emb, states, ok
 
     def _project_impl(self, values, hidden_states, frame_lengths):
         self._traces += 1
@@ -288,12 +387,15 @@ class Runner:
         b, t, _ = x.shape
         lens = inputs.lengths(lengths, b, t, minimum=self._min_frames())
         x = jnp.pad(jnp.asarray(x, self._compute_dtype), ((0, 0), (0, self.bucket_frames(t) - t), (0, 0)))
-        out, states, finite_in, finite_out = self._forward(
-            self._encoder.values(),
-            self.rows.split_rows(x),
-            self.rows.split_rows(lens, fill=self._min_frames()),
-            hidden_states=output_hidden_states,
-        )
+        x, lens = self.rows.split_rows(x), self.rows.split_rows(lens, fill=self._min_frames())
+        if self._blocks is not None:
+            _, finite_in, out, _, states, finite_out = self._layerwise(
+                x, lens, lens, hidden_states=output_hidden_states
+            )
+        else:
+            out, states, finite_in, finite_out = self._forward(
+                self._encoder.values(), x, lens, hidden_states=output_hidden_states
+            )
         _check_finite(finite_in[:b], finite_out[:b], "features", "encoder output")
         to = int(self.output_lengths(t))
         out = out[0, :to] if squeeze else out[:b, :to]
@@ -431,15 +533,14 @@ class Runner:
             )
         batch = self._waveform_batch(waveforms, sampling_rate, hf)
         with_projector = embeddings and self.projector is not None
-        proj_values = self._projector.values() if with_projector else None
-        features, hidden, emb, states, finite = self._encode(
-            self._encoder.values(),
-            proj_values,
-            *self._split(batch, hf),
-            hf_batch=hf,
-            with_projector=with_projector,
-            hidden_states=output_hidden_states,
-        )
+        flags = dict(hf_batch=hf, with_projector=with_projector, hidden_states=output_hidden_states)
+        if self._blocks is not None:
+            features, _, hidden, emb, states, finite = self._layerwise(*self._split(batch, hf), waveforms=True, **flags)
+        else:
+            proj_values = self._projector.values() if with_projector else None
+            features, hidden, emb, states, finite = self._encode(
+                self._encoder.values(), proj_values, *self._split(batch, hf), **flags
+            )
         b, t = len(batch.frames), int(batch.frames.max())
         _check_finite(np.ones(b, bool), finite[:b], "waveforms", "encoder or projector output")
         pcfg = self.projector_config
@@ -492,13 +593,16 @@ class Runner:
         """Seconds of audio per output frame."""
         return self.family.frame_seconds
 
+    def _num_encoder_values(self) -> int:
+        return self._encoder.num_values() + (self._blocks.num_values() if self._blocks is not None else 0)
+
     def __repr__(self) -> str:
         c = self.config
         if isinstance(self.family, Granite5):
             return (
                 f"Runner(Granite Speech 5: {c.num_hidden_layers} layers x {c.hidden_size}, {c.num_attention_heads} "
                 f"heads x {c.head_dim}, context {c.context_size}, subsampling x{c.subsampling}, vocabulary "
-                f"{c.vocab_size}, {self._encoder.num_values() / 1e6:.1f}M values, {self._compute_dtype}, "
+                f"{c.vocab_size}, {self._num_encoder_values() / 1e6:.1f}M values, {self._compute_dtype}, "
                 f"{len(self.devices)} device(s))"
             )
         proj = ""
@@ -508,7 +612,7 @@ class Runner:
             proj = f", projector {p.num_hidden_layers} x {p.hidden_size} -> {p.llm_hidden_size} ({m / 1e6:.1f}M)"
         return (
             f"Runner({c.num_layers} layers x {c.hidden_dim}, {c.num_heads} heads x {c.dim_head}, "
-            f"context {c.context_size}, {self._encoder.num_values() / 1e6:.1f}M values{proj}, "
+            f"context {c.context_size}, {self._num_encoder_values() / 1e6:.1f}M values{proj}, "
             f"{self._compute_dtype}, buckets={self.buckets.mode!r}, {len(self.devices)} device(s))"
         )
 
@@ -608,4 +712,5 @@ def load(
         chunk_blocks=chunk_blocks,
         provenance=loaded.provenance,
         devices=devices,
+        layerwise=True,
     )

@@ -244,22 +244,14 @@ class GraniteSpeech5Encoder(nnx.Module):
         logits = jnp.zeros(shape + (cfg.vocab_size,), x.dtype) if conditions and mid_logits else None
         saved = jnp.zeros((end - start,) + shape + (cfg.hidden_size,), x.dtype) if keep else None
 
-        def run(block, x, k):
-            call = (lambda b, x, v, k: b.subsample(x, v, k)) if subsampling else (lambda b, x, v, k: b(x, v, k))
-            return (nnx.remat(call) if remat else call)(block, x, valid, k)
-
         def step(block, carry, layer):
             (x, logits, saved), (i, k) = carry, layer
-            x = run(block, x, k)
-            if saved is not None:  # the block's own output: transformers adds the self-conditioning afterwards
-                saved = jax.lax.dynamic_update_index_in_dim(saved, masked(x, out_valid), i - start, 0)
-            if conditions:
-                x, here = jax.lax.cond(
-                    i == mid, self.self_condition, lambda o: (o, jnp.zeros(o.shape[:2] + (cfg.vocab_size,), o.dtype)), x
-                )
-                if logits is not None:
-                    logits = jnp.where(i == mid, here, logits)
-            return masked(x, out_valid), logits, saved
+            x, _, own, here = self.block_step(block, x, valid, i, subsampling, k, remat, with_logits=conditions)
+            if saved is not None:
+                saved = jax.lax.dynamic_update_index_in_dim(saved, own, i - start, 0)
+            if logits is not None:
+                logits = jnp.where(i == mid, here, logits)
+            return x, logits, saved
 
         mutable = None if stack.conv.norm.use_running_average else nnx.BatchStat
         if subsampling:  # one block whose output is shorter than its input: no scan, the block itself
@@ -268,6 +260,34 @@ class GraniteSpeech5Encoder(nnx.Module):
             xs = (jnp.arange(start, end), keys)
             x, logits, saved = scan_stacked(stack, step, (x, logits, saved), xs, mutable=mutable)
         return x, out_valid, [] if saved is None else list(saved), logits
+
+    def block_step(
+        self,
+        block: EncoderBlock,
+        x: Float[Array, "b t d"],
+        valid: Bool[Array, "b t"],
+        i: Array,
+        subsampling: bool,
+        key: Array | None = None,
+        remat: bool = False,
+        with_logits: bool = False,
+    ) -> tuple[Array, Array, Array, Array | None]:
+        """Block i (a traced index) and, when i is the self-conditioning block, that term: (output with
+        padding zeroed, its mask, the block's own output as HF's hidden_states keep it (transformers adds the
+        self-conditioning afterwards), the self-conditioning logits if `with_logits` (zeros elsewhere))."""
+        cfg = self.config
+
+        def call(b, x, v, k):
+            return b.subsample(x, v, k) if subsampling else b(x, v, k)
+
+        x = (nnx.remat(call) if remat else call)(block, x, valid, key)
+        valid = halve(valid) if subsampling else valid
+        own, logits = masked(x, valid), None
+        if cfg.self_conditioning_layer > 0:
+            mid = cfg.self_conditioning_layer - 1
+            zeros = jnp.zeros(x.shape[:2] + (cfg.vocab_size,), x.dtype)
+            x, logits = jax.lax.cond(i == mid, self.self_condition, lambda o: (o, zeros), x)
+        return masked(x, valid), valid, own, logits if with_logits else None
 
     def layer(self, i: int) -> EncoderBlock:
         """Block i (0-based) as a module of its own (a copy of its slice of the stacked weights)."""

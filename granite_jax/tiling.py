@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from granite_jax.modeling import ConformerBlock, EncoderOutput, GraniteSpeechEncoder, PerFrame
+from granite_jax.modeling import PLAIN, ConformerBlock, EncoderOutput, GraniteSpeechEncoder, PerFrame, Strategy
 
 
 class TilePlan(NamedTuple):
@@ -160,6 +160,34 @@ def _tiled_time(block: ConformerBlock, x, valid, span: int, after: PerFrame) -> 
     return jax.lax.fori_loop(0, num, convolve_tile, y)
 
 
+def strategy(model: GraniteSpeechEncoder, chunk_blocks: int | None) -> Strategy:
+    """Tiles of about `chunk_blocks` attention blocks' frames (None: `PLAIN`, untiled)."""
+    if chunk_blocks is None:
+        return PLAIN
+    c = model.config.context_size
+    return Tiled(chunk_blocks * c, c)
+
+
+def pad_to_tiles(
+    model: GraniteSpeechEncoder, features: Array, valid: Array, chunk_blocks: int | None
+) -> tuple[Strategy, Array, Array]:
+    """(the strategy, features, valid) with the batch padded once to whole tiles of about `chunk_blocks`
+    attention blocks' frames, for all layers (None: untiled, nothing padded)."""
+    tiled = strategy(model, chunk_blocks)
+    if chunk_blocks is None:
+        return tiled, features, valid
+    plan = tiled.plan(*features.shape[:2])
+    if plan is not None:
+        extra = ((0, plan.batch - features.shape[0]), (0, plan.frames - features.shape[1]))
+        features, valid = jnp.pad(features, extra + ((0, 0),)), jnp.pad(valid, extra)
+    return tiled, features, valid
+
+
+def cut_back(out: EncoderOutput, b: int, t: int) -> EncoderOutput:
+    """`out` cut back from whole tiles to `b` rows of `t` frames."""
+    return out._replace(**{k: v[..., :b, :t, :] for k, v in out._asdict().items() if v is not None and v.ndim >= 3})
+
+
 def forward(
     model: GraniteSpeechEncoder,
     features: Float[Array, "b t f"],
@@ -174,14 +202,8 @@ def forward(
     b, t = features.shape[:2]
     if valid is None:
         valid = jnp.ones((b, t), bool)
-    c = model.config.context_size
-    tiled = Tiled(chunk_blocks * c, c)
-    plan = tiled.plan(b, t)
-    if plan is not None:
-        extra = ((0, plan.batch - b), (0, plan.frames - t))
-        features, valid = jnp.pad(features, extra + ((0, 0),)), jnp.pad(valid, extra)
-    out = model.forward(features, valid, strategy=tiled, **outputs)
-    return out._replace(**{k: v[..., :b, :t, :] for k, v in out._asdict().items() if v is not None and v.ndim >= 3})
+    tiled, features, valid = pad_to_tiles(model, features, valid, chunk_blocks)
+    return cut_back(model.forward(features, valid, strategy=tiled, **outputs), b, t)
 
 
 def encode(

@@ -63,12 +63,12 @@ def test_the_check_can_fail(monkeypatch):
     """
     cfg = dataclasses.replace(PRODUCTION, num_layers=1)
 
-    def broadcast_relative_logits(self, q):  # (b n q h 1 d) * (q k d), reduced over d through a 6-D buffer
-        c = q.shape[2]
+    def broadcast_relative_logits(self, q):  # (b n h q 1 d) * (q k d), reduced over d through a 6-D buffer
+        c = q.shape[3]
         seq = np.arange(c)
         rel = self.rel_pos_emb.embedding[...][np.clip(seq[:, None] - seq[None, :], -c, c) + self.max_pos_emb]
-        prod = q[:, :, :, :, None, :] * rel[None, None, :, None, :, :]
-        return jnp.transpose(jax.lax.cumsum(prod, axis=5)[..., -1], (0, 1, 3, 2, 4))
+        prod = q[:, :, :, :, None, :] * rel[None, None, None, :, :, :]
+        return jax.lax.cumsum(prod, axis=5)[..., -1]
 
     monkeypatch.setattr(modeling.Attention, "relative_logits", broadcast_relative_logits)
     temp = _temp_bytes(cfg, 1, 2000)

@@ -208,5 +208,8 @@ def test_data_parallel_equals_one_device():
     assert out["four"]["devices"] == 4
     for name in ("four", "fsdp"):
         np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], rtol=1e-5)
+        # Adam divides each update by its own running RMS, so a weight whose gradient is near zero moves by up
+        # to the learning rate whatever the gradient's size, and the devices' summation order shows there at
+        # that scale: the weights agree to 1% of one step (lr 1e-2), everything else far closer.
         for a, b in zip(out[name]["state"], out["one"]["state"], strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-4)
