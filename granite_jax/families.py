@@ -52,9 +52,6 @@ class Granite4:
         return out._replace(valid=valid)
 
     # -- one block per call (layerwise.py): carry = the blocks' (x, kept outputs, None); aux = what they read
-    def stacks(self, model) -> list:
-        return [model.layers] if self.config.num_layers else []
-
     def block_kinds(self) -> list[tuple[int, bool]]:
         """(its stack, whether its output is shorter than its input) per block."""
         return [(0, False)] * self.config.num_layers
@@ -133,9 +130,6 @@ class Granite5:
         return model.forward(features, valid, hidden_states=hidden_states)
 
     # -- one block per call (layerwise.py): carry = (x, its mask); aux = the input projection
-    def stacks(self, model) -> list:
-        return list(model.layers)
-
     def block_kinds(self) -> list[tuple[int, bool]]:
         """(its stack, whether its output is shorter than its input) per block."""
         out = []

@@ -477,17 +477,19 @@ def encoder_from_params(
     dtype=None,
     param_dtype=jnp.float32,
     consume: bool = False,
+    unstacked: dict | None = None,
 ) -> GraniteSpeechEncoder:
     """Build the encoder with the given variables (cast to param_dtype; counters stay integer).
 
     `params` may be lazy (read on access). With `consume`, each entry is deleted from `params` once it is
-    on the device, so the weights are never held twice.
+    on the device, so the weights are never held twice. `unstacked`: see `module_from_params`.
     """
     return module_from_params(
         lambda: GraniteSpeechEncoder(cfg, dtype=dtype, param_dtype=param_dtype),
         params,
         consume=consume,
         stacked="layers",
+        unstacked=unstacked,
     )
 
 

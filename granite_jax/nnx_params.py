@@ -102,12 +102,15 @@ def module_from_params(
     consume: bool = False,
     what: str = "",
     stacked: Stacking = None,
+    unstacked: dict | None = None,
 ) -> M:
     """The module `make()` builds, with its variables set from `params` (cast to each variable's dtype).
 
     `params` may be lazy (read on access). With `consume`, each entry is deleted from `params` once it is
     on the device, so the weights are never held twice (a stacked variable is filled in place on the
-    device, one layer at a time). `what` prefixes error messages ("projector ").
+    device, one layer at a time). `what` prefixes error messages ("projector "). `unstacked`: a dict that
+    receives each stacked variable's layers as arrays of their own ({path: [array per index]}) while the
+    module's variable holds an empty placeholder (the layerwise runner's weights, never stacked).
     """
     model = nnx.eval_shape(make)
     graphdef, state = nnx.split(model)
@@ -120,19 +123,27 @@ def module_from_params(
     for path, var in flat:
         want = var.get_value()
         entries = list(_names(path, want.shape, stacked))
-        stack = None if entries[0][1] is None else jnp.zeros(want.shape, want.dtype)
+        apart = unstacked is not None and entries[0][1] is not None
+        stack = None if entries[0][1] is None or apart else jnp.zeros(want.shape, want.dtype)
+        parts = []
         for name, i in entries:
             value = np.asarray(params[name])
             expected = want.shape if i is None else want.shape[1:]
             if value.shape != expected:
                 raise ValueError(f"{what}{name}: shape {value.shape}, config expects {expected}")
             value = jnp.asarray(value, dtype=want.dtype)
-            stack = value if stack is None else _set_index(stack, value, i)  # in place: `stack` is donated
+            if apart:
+                parts.append(value)
+            else:
+                stack = value if stack is None else _set_index(stack, value, i)  # in place: `stack` is donated
             del value
             if consume:
                 del params[name]
+        if apart:
+            unstacked[tuple(path)] = parts
+            stack = jnp.zeros((0,), want.dtype)
         leaves.append((path, var.replace(stack)))
-        del stack
+        del stack, parts
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 

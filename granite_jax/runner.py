@@ -25,7 +25,7 @@ from granite_jax.ctc import Transcript, ctc_greedy_decode, ctc_greedy_ids
 from granite_jax.devices import REPLICATED, ROWS, DeviceSpec, RowMesh, resolve_devices
 from granite_jax.families import Granite4, Granite5
 from granite_jax.features import prepare_waveforms
-from granite_jax.layerwise import BlockWeights
+from granite_jax.layerwise import BlockWeights, stacks_of
 from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params, masked
 from granite_jax.projector import GraniteSpeechProjector, num_audio_embeddings, projector_from_params
 from granite_jax.speech5 import GraniteSpeech5Encoder
@@ -144,7 +144,7 @@ class Runner:
         chunk_blocks: int | None = 8,
         provenance: dict | None = None,
         devices: DeviceSpec = None,
-        layerwise: bool = False,
+        layerwise: bool | BlockWeights = False,
     ):
         _check_chunk_blocks(chunk_blocks)
         self.rows = RowMesh(devices)
@@ -173,8 +173,12 @@ class Runner:
         for bound in (self._encoder, self._projector):
             if bound is not None:
                 bound.place(self.rows.replicated)  # once; zero-copy when already on the one device
-        stacks = self.family.stacks(model)
-        self._blocks = BlockWeights(stacks) if layerwise and stacks else None
+        self._blocks = None
+        if isinstance(layerwise, BlockWeights):  # from `load`: the blocks never stacked
+            self._blocks = layerwise
+            self._blocks.place(self.rows.replicated)
+        elif layerwise and stacks_of(model):
+            self._blocks = BlockWeights(model)
         self._traces = 0
         on_rows = self.rows.rows
         self._forward = jax.jit(self._forward_impl, static_argnames=("hidden_states",))
@@ -198,7 +202,7 @@ class Runner:
 
     def parameters(self) -> list[jax.Array]:
         """Every weight array the runner computes with (encoder, blocks, projector), without touching `model`."""
-        out = self._encoder.values() + ([x for _, v in self._blocks.blocks for x in v] if self._blocks else [])
+        out = self._encoder.values() + (self._blocks.values() if self._blocks is not None else [])
         return out + (self._projector.values() if self._projector is not None else [])
 
     @property
@@ -694,7 +698,10 @@ def load(
     # Converted in memory: hand each array over and drop it, so the weights are held once.
     consume = isinstance(loaded.params, dict)
     build = speech5.encoder_from_params if isinstance(loaded.config, Speech5Config) else encoder_from_params
-    model = build(loaded.config, loaded.params, param_dtype=param_dtype, dtype=param_dtype, consume=consume)
+    parts: dict = {}  # each block's weights as arrays of their own, for the layerwise runner
+    model = build(
+        loaded.config, loaded.params, param_dtype=param_dtype, dtype=param_dtype, consume=consume, unstacked=parts
+    )
     tokenizer = None
     if "tokenizer.json" in loaded.files:
         tokenizer = CTCTokenizer.from_dir(os.path.dirname(loaded.files["tokenizer.json"]), loaded.config.pad_token_id)
@@ -712,5 +719,5 @@ def load(
         chunk_blocks=chunk_blocks,
         provenance=loaded.provenance,
         devices=devices,
-        layerwise=True,
+        layerwise=BlockWeights(model, parts) if parts else False,
     )

@@ -318,13 +318,20 @@ def abstract_params(cfg: Speech5Config, *, param_dtype=jnp.float32) -> dict[str,
 
 
 def encoder_from_params(
-    cfg: Speech5Config, params: Mapping[str, np.ndarray], *, dtype=None, param_dtype=jnp.float32, consume: bool = False
+    cfg: Speech5Config,
+    params: Mapping[str, np.ndarray],
+    *,
+    dtype=None,
+    param_dtype=jnp.float32,
+    consume: bool = False,
+    unstacked: dict | None = None,
 ) -> GraniteSpeech5Encoder:
     return module_from_params(
         lambda: GraniteSpeech5Encoder(cfg, dtype=dtype, param_dtype=param_dtype),
         params,
         consume=consume,
         stacked=_stacking(cfg),
+        unstacked=unstacked,
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from granite_jax import speech5
+from granite_jax.config import Speech5FeatureConfig
 from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params, params_of
 from granite_jax.projector import GraniteSpeechProjector
 from granite_jax.runner import Runner
@@ -125,3 +126,27 @@ def test_weights_are_held_once():
     assert sum(int(np.prod(a.shape)) for a in layerwise.parameters()) == total
     stacked = nnx.to_flat_state(nnx.state(layerwise._module.layers))
     assert all(v.get_value().size == 0 for _, v in stacked)
+
+
+@pytest.mark.parametrize("name", ["plus_0_2", "subsample_1_3"])
+def test_load_builds_the_blocks_unstacked(tmp_path, name):
+    """`load` reads each block's weights straight into arrays of their own (never a stacked copy): the
+    runner is layerwise, holds every weight once, and equals the scan runner on the same checkpoint."""
+    import granite_jax
+    from granite_jax import checkpoint
+
+    cfg = CFG4.get(name) or CFG5[name]
+    scan, _ = _pair(cfg)
+    of = speech5.params_of if isinstance(cfg, speech5.Speech5Config) else params_of
+    features = dict(feature_config=Speech5FeatureConfig(num_mel_bins=cfg.num_mel_bins)) if name[0] == "s" else {}
+    checkpoint.save(tmp_path / "ck", cfg, of(scan.model), {"source": "test"}, **features)
+    loaded = granite_jax.load(tmp_path / "ck", chunk_blocks=2)
+    assert loaded.layerwise
+    assert all(v.get_value().size == 0 for _, v in nnx.to_flat_state(nnx.state(loaded._module.layers)))
+    assert sum(int(np.prod(a.shape)) for a in loaded.parameters()) == sum(
+        int(np.prod(a.shape)) for a in scan.parameters()
+    )
+    x = np.random.default_rng(6).standard_normal((2, 3 * cfg.context_size + 1, cfg.input_dim)).astype(np.float32)
+    _close(
+        scan.encode_features(x, [3 * cfg.context_size + 1, 7]), loaded.encode_features(x, [3 * cfg.context_size + 1, 7])
+    )
