@@ -420,8 +420,11 @@ class GraniteSpeechEncoder(nnx.Module):
 
         x = strategy.block(block, x, valid, after, k)
         if logits is not None:  # the whole batch at once, keeping the logits
-            unconditioned = (x, jnp.zeros(x.shape[:2] + (self.config.output_dim,), x.dtype))
-            x, here = jax.lax.cond(i == mid, self.self_condition, lambda o: unconditioned, x)
+
+            def unconditioned(o):
+                return o, jnp.zeros(o.shape[:2] + (self.config.output_dim,), o.dtype)
+
+            x, here = jax.lax.cond(i == mid, self.self_condition, unconditioned, x)
             x = masked(x, valid)
             logits = jnp.where(i == mid, here, logits)
         if saved.shape[0]:

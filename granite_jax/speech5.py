@@ -285,8 +285,11 @@ class GraniteSpeech5Encoder(nnx.Module):
         own, logits = masked(x, valid), None
         if cfg.self_conditioning_layer > 0:
             mid = cfg.self_conditioning_layer - 1
-            zeros = jnp.zeros(x.shape[:2] + (cfg.vocab_size,), x.dtype)
-            x, logits = jax.lax.cond(i == mid, self.self_condition, lambda o: (o, zeros), x)
+
+            def unconditioned(o):
+                return o, jnp.zeros(o.shape[:2] + (cfg.vocab_size,), o.dtype)
+
+            x, logits = jax.lax.cond(i == mid, self.self_condition, unconditioned, x)
         return masked(x, valid), valid, own, logits if with_logits else None
 
     def layer(self, i: int) -> EncoderBlock:
