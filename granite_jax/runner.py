@@ -1,7 +1,8 @@
 """What `granite_jax.load` returns: the modules behind jit boundaries, with length buckets and devices.
 
 `Runner.encode` composes named steps: validate the waveforms, pad them to a length bucket and split them
-over the devices, run log-mel -> encoder -> projector in one compiled call, and cut the result back.
+over the devices, run log-mel -> encoder -> projector compiled (one call, or layerwise: see layerwise.py),
+and cut the result back.
 """
 
 from __future__ import annotations
@@ -521,7 +522,8 @@ class Runner:
         embeddings: bool = True,
         output_hidden_states: bool = False,
     ) -> EncodeResult:
-        """Audio -> log-mel -> encoder -> projector in one compiled call.
+        """Audio -> log-mel -> encoder -> projector, compiled: one call, or layerwise (what `load` builds) the
+        front end, one compiled block per block, and the outputs.
 
         `waveforms`: one 1-D float array, a list of them (any lengths; (1, N) arrays count as mono) or a 2-D
         (batch, samples) array, at `sampling_rate` (resampled to the checkpoint's rate when different).
