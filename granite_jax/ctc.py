@@ -1,9 +1,12 @@
 """CTC decoding on the host: greedy (collapse repeats, drop blank) from per-frame best ids, and the
-alignment it implies (token and word times)."""
+alignment it implies (token and word times).
+
+Every path from frame ids to text or tokens goes through `token_runs` once; what maps tokens to text
+(`chr`, the tokenizer's `decode_tokens`) never collapses again, so a token repeated across a blank stays two.
+"""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -11,10 +14,26 @@ import jax
 import numpy as np
 
 
+def token_runs(ids: Sequence[int] | np.ndarray, blank: int = 0) -> list[tuple[int, int, int]]:
+    """The CTC collapse, the one every path uses: (id, first frame, last frame + 1) of each run of one
+    non-blank id in one utterance's per-frame best ids. Two equal ids with a blank between them are two runs."""
+    ids = np.asarray(ids).reshape(-1)
+    if not len(ids):
+        return []
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    return [(int(ids[a]), int(a), int(b)) for a, b in zip(starts, ends, strict=True) if ids[a] != blank]
+
+
+def collapse(ids: Sequence[int] | np.ndarray, blank: int = 0) -> list[int]:
+    """One utterance's per-frame best ids -> the tokens greedy CTC emits (repeats merged, blank dropped)."""
+    return [k for k, _, _ in token_runs(ids, blank)]
+
+
 def ctc_greedy_ids(
     ids: np.ndarray | jax.Array, lengths: Sequence[int] | np.ndarray | None = None, *, blank: int = 0
 ) -> list[list[int]]:
-    """Per row: the first `lengths[i]` best ids, repeats collapsed and `blank` dropped."""
+    """Per row: the tokens of the first `lengths[i]` best ids (`collapse`)."""
     ids = np.asarray(ids)
     if ids.ndim != 2:
         raise ValueError(f"ids must be (batch, frames), got shape {ids.shape}")
@@ -27,13 +46,7 @@ def ctc_greedy_ids(
             raise ValueError(f"lengths must be {b} integers (one per row of ids), got {lengths!r}")
         if b and (lens.min() < 0 or lens.max() > t):
             raise ValueError(f"lengths must lie in [0, {t}] (the frames of ids), got {lens.tolist()}")
-    out = []
-    for row, n in zip(ids, lens, strict=True):
-        row = row[: int(n)]
-        keep = np.ones(len(row), bool)
-        keep[1:] = row[1:] != row[:-1]
-        out.append([int(i) for i in row[keep & (row != blank)]])
-    return out
+    return [collapse(row[: int(n)], blank) for row, n in zip(ids, lens, strict=True)]
 
 
 def ctc_greedy_decode(
@@ -73,38 +86,32 @@ class Transcript:
         return {"text": self.text, "words": spans(self.words), "tokens": spans(self.tokens)}
 
 
-def token_runs(ids: Sequence[int], blank: int = 0) -> list[tuple[int, int, int]]:
-    """(id, first frame, last frame + 1) of each run of one non-blank id: the tokens greedy CTC emits."""
-    runs, start = [], 0
-    for k, group in itertools.groupby(int(i) for i in ids):
-        n = len(list(group))
-        if k != blank:
-            runs.append((k, start, start + n))
-        start += n
-    return runs
-
-
 def align(
     ids: Sequence[int],
     frame_seconds: float,
-    decode: Callable[[list[int]], str],
+    text: Callable[[list[int]], str],
     token_text: Callable[[int], str],
     starts_word: Callable[[int, str], bool],
     blank: int = 0,
+    shown: Callable[[int], bool] = lambda _: True,
 ) -> Transcript:
-    """Text, tokens and words of one utterance's greedy ids. A token starts a word when `starts_word(id, text)`
-    says so (the tokenizer's word-boundary marker; a space for character heads); a word's time is from its
-    first token's start to its last token's end."""
+    """Text, tokens and words of one utterance's per-frame best ids, from one collapse (`token_runs`).
+
+    `text` maps emitted tokens to text (no second collapse); `shown(id)` is False for the tokens that text
+    leaves out (special tokens), which get no span. A token starts a word when `starts_word(id, text)` says so
+    (the tokenizer's word-boundary marker; a space for character heads); a word's time is from its first
+    token's start to its last token's end."""
     runs = token_runs(ids, blank)
-    tokens = tuple(Span(token_text(k), a * frame_seconds, b * frame_seconds) for k, a, b in runs)
+    spans = [r for r in runs if shown(r[0])]
+    tokens = tuple(Span(token_text(k), a * frame_seconds, b * frame_seconds) for k, a, b in spans)
     groups: list[list[tuple[int, int, int]]] = []
-    for run in runs:
+    for run in spans:
         if not groups or starts_word(run[0], token_text(run[0])):
             groups.append([])
         groups[-1].append(run)
     words = []
     for g in groups:
-        text = decode([k for k, _, _ in g]).strip()
-        if text:
-            words.append(Span(text, g[0][1] * frame_seconds, g[-1][2] * frame_seconds))
-    return Transcript(decode([k for k, _, _ in runs]), tokens, tuple(words))
+        word = text([k for k, _, _ in g]).strip()
+        if word:
+            words.append(Span(word, g[0][1] * frame_seconds, g[-1][2] * frame_seconds))
+    return Transcript(text([k for k, _, _ in runs]), tokens, tuple(words))

@@ -19,7 +19,7 @@ from granite_jax.config import FeatureConfig, Speech5FeatureConfig
 from granite_jax.ctc import Transcript, align
 from granite_jax.features import log_mel, min_samples, num_encoder_frames, speech5_features, speech5_frames
 from granite_jax.modeling import EncoderOutput, masked
-from granite_jax.tokenizer import CTCTokenizer, char_decode
+from granite_jax.tokenizer import CTCTokenizer
 
 
 class Granite4:
@@ -85,12 +85,15 @@ class Granite4:
     def ctc_logits(self, model, hidden: jax.Array) -> jax.Array:
         return model.out(hidden[..., -self.config.hidden_dim :])  # plus: the last layer comes last
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return char_decode(ids, 0)
+    blank = 0
+
+    def text(self, tokens: Sequence[int]) -> str:
+        """Emitted CTC tokens (collapsed once, `ctc.collapse`) -> text: the character heads' `chr(id)`."""
+        return "".join(chr(int(i)) for i in tokens)
 
     def align(self, ids: Sequence[int]) -> Transcript:
-        """Greedy text with character and word times (words end at spaces)."""
-        return align(ids, self.frame_seconds, lambda k: "".join(chr(i) for i in k), chr, lambda _, t: t == " ")
+        """Greedy text with character and word times (words start at spaces), from per-frame best ids."""
+        return align(ids, self.frame_seconds, self.text, chr, lambda _, t: t == " ")
 
     @property
     def frame_seconds(self) -> float:
@@ -159,13 +162,27 @@ class Granite5:
     def ctc_logits(self, model, hidden: jax.Array) -> jax.Array:
         return model.ctc_logits(hidden)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer().decode(ids)
+    @property
+    def blank(self) -> int:
+        return self.config.pad_token_id
+
+    def text(self, tokens: Sequence[int]) -> str:
+        """Emitted CTC tokens (collapsed once, `ctc.collapse`) -> text, by the BPE tokenizer."""
+        return self._tokenizer().decode_tokens(tokens)
 
     def align(self, ids: Sequence[int]) -> Transcript:
-        """Greedy text with token and word times (words start at the tokenizer's word markers, Ġ or ▁)."""
+        """Greedy text with token and word times (words start at the tokenizer's word markers, Ġ or ▁), from
+        per-frame best ids; special tokens, which the text skips, get no span."""
         tok = self._tokenizer()
-        return align(ids, self.frame_seconds, tok.decode, tok.token, lambda k, _: tok.starts_word(k), tok.blank_id)
+        return align(
+            ids,
+            self.frame_seconds,
+            tok.decode_tokens,
+            tok.token,
+            lambda k, _: tok.starts_word(k),
+            tok.blank_id,
+            shown=lambda k: not tok.is_special(k),
+        )
 
     def _tokenizer(self) -> CTCTokenizer:
         if self.tokenizer is None:

@@ -6,7 +6,7 @@ everything else gets a `TypeError` or `ValueError` that names the argument, the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -61,11 +61,31 @@ def _mono(w: np.ndarray | jax.Array, name: str) -> np.ndarray | jax.Array:
     raise ValueError(f"{name} has shape {tuple(w.shape)}; expected 1-D mono samples or (1, N)")
 
 
+def utterances(items: Any, name: str = "waveforms") -> Any:
+    """Any iterable of utterances (a generator, a map, a deque) as a list; arrays and lists as they are."""
+    if isinstance(items, Mapping):
+        raise TypeError(f"{name} must be an array or a sequence of them, not a {type(items).__name__}")
+    if isinstance(items, Iterator) or (
+        not isinstance(items, (list, tuple, str, bytes, np.ndarray, jax.Array))
+        and not hasattr(items, "__array__")
+        and not hasattr(items, "shape")
+        and hasattr(items, "__iter__")
+    ):
+        return list(items)
+    return items
+
+
 def waveform_rows(waveforms: Any, names: Sequence[str] | None = None) -> list[tuple[str, np.ndarray | jax.Array]]:
-    """(name, 1-D samples) of each utterance: one 1-D array, a (B, N) batch, or a list/tuple of utterances.
+    """(name, 1-D samples) of each utterance: one 1-D array, a (B, N) batch, or any iterable of utterances.
 
     `names`: what error messages call the utterances of a list (file names, say); "waveform i" by default.
     """
+    waveforms = utterances(waveforms)
+    if isinstance(waveforms, (str, bytes)):
+        raise TypeError(
+            "waveforms must be arrays of samples, not a string: read files with granite_jax.load_audio "
+            "(or pass paths to transcribe)"
+        )
     if isinstance(waveforms, (list, tuple)):
         if len(waveforms) == 0:
             raise ValueError("got an empty list of waveforms")

@@ -22,7 +22,7 @@ from granite_jax import checkpoint, inputs, speech5
 from granite_jax.buckets import BucketPolicy, pad_rows
 from granite_jax.config import EncoderConfig, FeatureConfig, ProjectorConfig, Speech5Config, Speech5FeatureConfig
 from granite_jax.convert.convert import convert_hf
-from granite_jax.ctc import Transcript, ctc_greedy_decode, ctc_greedy_ids
+from granite_jax.ctc import Transcript, ctc_greedy_ids
 from granite_jax.devices import REPLICATED, ROWS, DeviceSpec, RowMesh, resolve_devices
 from granite_jax.families import Granite4, Granite5
 from granite_jax.features import prepare_waveforms
@@ -468,13 +468,25 @@ class Runner:
         *,
         id_to_text: Callable[[int], str] = chr,
     ) -> list[str]:
-        """Greedy CTC transcripts of encoder hidden states (see `ctc_greedy_decode`)."""
+        """Greedy CTC transcripts of encoder hidden states: `ctc_decode` of the per-frame argmax.
+
+        4.x: `id_to_text` maps each emitted id (default `chr`); Speech 5: the BPE tokenizer (it does not apply).
+        """
         ids = jnp.argmax(self.ctc_logits(hidden_states), axis=-1)
-        ids = np.asarray(ids).reshape(-1, ids.shape[-1])
-        if isinstance(self.family, Granite5):  # the tokenizer's CTC decode (id_to_text does not apply)
-            rows = ctc_greedy_ids(ids, lengths, blank=self.config.pad_token_id)
-            return [self.family.decode(r) for r in rows]
-        return ctc_greedy_decode(ids, lengths, id_to_text=id_to_text)
+        return self.ctc_decode(np.asarray(ids).reshape(-1, ids.shape[-1]), lengths, id_to_text=id_to_text)
+
+    def ctc_decode(
+        self,
+        ids: np.ndarray | jax.Array,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        *,
+        id_to_text: Callable[[int], str] = chr,
+    ) -> list[str]:
+        """Per-frame best ids (B, T') with `lengths` valid frames -> text per row, collapsed once."""
+        rows = ctc_greedy_ids(ids, lengths, blank=self.family.blank)
+        if isinstance(self.family, Granite5):
+            return [self.family.text(r) for r in rows]
+        return ["".join(id_to_text(i) for i in r) for r in rows]
 
     # -- audio -> features, -> everything --------------------------------------------------------------------
     def _waveform_batch(self, waveforms: Any, sampling_rate: float, hf: bool) -> WaveformBatch:
@@ -577,7 +589,7 @@ class Runner:
         each token's and word's start and end from the CTC alignment (one output frame is
         `frame_seconds`: 80 ms for Speech 5, 20 ms for 4.x).
         """
-        items = waveforms_or_paths
+        items = inputs.utterances(waveforms_or_paths, "waveforms_or_paths")
         single = isinstance(items, (str, os.PathLike))
         if single:
             items = [items]

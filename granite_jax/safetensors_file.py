@@ -104,6 +104,11 @@ class SafetensorsFile:
             spans.append((begin, end, name))
         at = 0
         for begin, end, name in sorted(spans):
+            if end > buffer:  # the official library's "metadata incomplete buffer"
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name!r} at bytes {begin}-{end} runs past the end of the file "
+                    f"({end - buffer} bytes short of its {buffer}-byte data buffer: truncated?)"
+                )
             if begin != at:
                 what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes"
                 raise SafetensorsError(f"{self.path}: tensor {name!r} at bytes {begin}-{end} {what}")

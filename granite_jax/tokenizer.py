@@ -1,13 +1,13 @@
 """CTC text for Granite Speech 5, with the `tokenizers` library (no transformers at run time).
 
 Decoding is transformers' `ParakeetTokenizer.batch_decode(ids, skip_special_tokens=True)`: consecutive equal
-ids grouped, the blank (the pad token) dropped, then the tokenizer's own decode (byte-level BPE, or
-SentencePiece-style BPE with byte fallback), and `clean_up_tokenization_spaces` when its config asks.
+ids grouped, the blank (the pad token) dropped (`ctc.collapse`, done once, by the caller), then the tokenizer's
+own decode (byte-level BPE, or SentencePiece-style BPE with byte fallback), and `clean_up_tokenization_spaces`
+when its config asks and transformers honours it (not for BPE models, unless the config insists).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -41,6 +41,7 @@ class CTCTokenizer:
         self.source = source
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._tokens = [tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
+        self._special = {int(i) for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, default_blank: int = 0) -> CTCTokenizer:
@@ -70,6 +71,10 @@ class CTCTokenizer:
         if isinstance(pad, str) and blank is None:
             raise TokenizerError(f"{config_file}: pad_token {pad!r} is not in {file}")
         clean = bool(config.get("clean_up_tokenization_spaces", False))
+        if type(tokenizer.model).__name__ == "BPE":  # transformers skips it for BPE (it corrupts BPE text)
+            clean = clean and bool(
+                config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+            )
         return cls(tokenizer, default_blank if blank is None else blank, clean, path)
 
     def check_vocab(self, vocab_size: int, blank_id: int) -> None:
@@ -83,11 +88,21 @@ class CTCTokenizer:
                 f"the tokenizer's pad token (id {self.blank_id}) is not the model's CTC blank (pad_token_id {blank_id})"
             )
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """One utterance's greedy CTC ids (its valid frames) -> text."""
-        kept = [int(k) for k, _ in itertools.groupby(ids) if k != self.blank_id]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+    def decode_tokens(self, tokens: Sequence[int]) -> str:
+        """Emitted tokens (already collapsed: `ctc.collapse`) -> text. Nothing is merged here, so a token that
+        repeats across a blank is decoded twice; special tokens (and the blank) are skipped."""
+        text = self.tokenizer.decode([int(k) for k in tokens if k != self.blank_id], skip_special_tokens=True)
         return _clean_up(text) if self.clean_up_tokenization_spaces else text
+
+    def decode_frames(self, ids: Sequence[int]) -> str:
+        """One utterance's per-frame best ids -> text: `ParakeetTokenizer.decode(ids, skip_special_tokens=True)`."""
+        from granite_jax.ctc import collapse
+
+        return self.decode_tokens(collapse(ids, self.blank_id))
+
+    def is_special(self, i: int) -> bool:
+        """Whether decoding skips token `i` (a special added token: the blank, <unk> and the like)."""
+        return int(i) in self._special
 
     def token(self, i: int) -> str:
         return self._tokens[i] if 0 <= i < len(self._tokens) else ""
@@ -112,8 +127,3 @@ class CTCTokenizer:
         for i, r in enumerate(rows):
             labels[i, : len(r)] = r
         return labels, np.array([len(r) for r in rows], np.int32)
-
-
-def char_decode(ids: Sequence[int], blank: int = 0) -> str:
-    """The 4.x character heads: grouped ids, blank dropped, id -> chr(id)."""
-    return "".join(chr(int(k)) for k, _ in itertools.groupby(ids) if k != blank)

@@ -316,6 +316,28 @@ def test_huge_audio_is_refused(model):
     assert np.isfinite(np.asarray(model.encode(wave * 1e10).hidden_states)).all()
 
 
+def test_any_iterable_of_waveforms_and_named_refusals(model, tmp_path):
+    """A generator (or map, deque) of arrays is a batch like a list; a dict or a string is named as such."""
+    import collections
+
+    import soundfile
+
+    rng = np.random.default_rng(1)
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (8000, 5000)]
+    want = model.encode(waves).hidden_states
+    for batch in ((w for w in waves), map(np.asarray, waves), collections.deque(waves), iter(waves)):
+        np.testing.assert_array_equal(np.asarray(model.encode(batch).hidden_states), np.asarray(want))
+    with pytest.raises(TypeError, match="waveforms must be an array or a sequence of them, not a dict"):
+        model.encode({"a": waves[0]})
+    with pytest.raises(TypeError, match="not a string: read files with granite_jax.load_audio"):
+        model.encode("talk.flac")
+    with pytest.raises(ValueError, match="got an empty list of waveforms"):
+        model.encode(w for w in [])
+    soundfile.write(tmp_path / "a.wav", waves[0], 16000)
+    paths = (str(tmp_path / "a.wav") for _ in range(2))
+    assert model.transcribe(paths) == model.transcribe([waves[0], waves[0]])
+
+
 def test_non_finite_weights_are_never_returned_as_nan(hf_dir, tmp_path):
     convert_cli(hf_dir, tmp_path / "gj")
     m = granite_jax.load(tmp_path / "gj")

@@ -69,6 +69,7 @@ MALFORMED = {
     "gap": lambda: _raw(*_two((0, 12), (16, 28), data_len=28)),
     "not_from_zero": lambda: _raw(*_two((4, 16), (16, 28), data_len=28)),
     "past_the_end": lambda: _raw(*_two((0, 12), (12, 24), data_len=20)),
+    "last_shifted_past_the_end": lambda: _raw(*_two((0, 12), (268, 280), data_len=24)),
     "buffer_left_over": lambda: _raw(*_two((0, 12), (12, 24), data_len=40)),
     "size_mismatch": lambda: _raw(*_two((0, 12), (12, 24), data_len=24, shape_b=(4,))),
     "end_before_begin": lambda: _raw(*_two((12, 0), (0, 12), data_len=12)),
@@ -92,6 +93,27 @@ def test_malformed_files_are_refused_like_the_official_library(tmp_path, name):
         for k in f.keys():  # noqa: SIM118
             f.get_tensor(k)
     with pytest.raises(SafetensorsError, match=re.escape(str(path))):
+        SafetensorsFile(path)
+
+
+# The message names the fault that is there (not a consequence of it).
+MESSAGES = {
+    "overlap": "overlaps the tensor before it",
+    "gap": "leaves a gap of 4 bytes",
+    "not_from_zero": "leaves a gap of 4 bytes",
+    "past_the_end": "runs past the end of the file [(]4 bytes short",
+    "last_shifted_past_the_end": "runs past the end of the file [(]256 bytes short",
+    "buffer_left_over": "cover 24 bytes of a 40-byte data buffer",
+    "size_mismatch": "has 12 bytes for shape",
+    "end_before_begin": "end before they begin",
+}
+
+
+@pytest.mark.parametrize("name", MESSAGES)
+def test_malformed_files_name_their_fault(tmp_path, name):
+    path = tmp_path / f"{name}.safetensors"
+    path.write_bytes(MALFORMED[name]())
+    with pytest.raises(SafetensorsError, match=MESSAGES[name]):
         SafetensorsFile(path)
 
 

@@ -88,7 +88,7 @@ def evaluate(model, runner, utterances: Sequence[data.Utterance], batch_size: in
         t = feats.shape[1]
         feats = jnp.pad(feats, ((0, 0), (0, runner.bucket_frames(t) - t), (0, 0)))
         ids = np.asarray(_greedy_ids(model, feats, jnp.asarray(lengths), runner.family))
-        hyps += [runner.family.decode(row[:n]) for row, n in zip(ids, runner.output_lengths(lengths), strict=True)]
+        hyps += runner.ctc_decode(ids, runner.output_lengths(lengths))
         refs += [u.text for u in chunk]
     scored = [(r, h if h.strip() else " ") for r, h in zip(refs, hyps, strict=True) if r.strip()]
     cer = jiwer.cer([r for r, _ in scored], [h for _, h in scored]) if scored else 0.0
