@@ -334,8 +334,9 @@ def worker(
 # ------------------------------------------------------------------------------------------------------------------
 def prepare(directory: str, layers: int | None, model_kind: str = "granite-speech") -> dict:
     """Save the random HF checkpoint as `directory`/hf and its granite_jax conversion as `directory`/granite_jax."""
-    from granite_jax.config import PRODUCTION, SPEECH5_PRODUCTION
     from granite_jax.convert.convert import convert_checkpoint
+    from granite_jax.models.conformer_config import PRODUCTION
+    from granite_jax.models.speech5_config import SPEECH5_PRODUCTION
     from granite_jax.testing.hf import make_hf_checkpoint
     from granite_jax.testing.hf5 import make_hf5_checkpoint
 

@@ -104,9 +104,9 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_encoder import cpu_model
 
-    from granite_jax.cli import DEMO_PROJECTOR
-    from granite_jax.config import PRODUCTION
+    from granite_jax.cli.demo import DEMO_PROJECTOR
     from granite_jax.convert.convert import convert_checkpoint
+    from granite_jax.models.conformer_config import PRODUCTION
     from granite_jax.testing.hf import make_hf_full_checkpoint
 
     cfg = PRODUCTION if args.layers is None else dataclasses.replace(PRODUCTION, num_layers=args.layers)

@@ -29,8 +29,10 @@ def make_checkpoint(path: str, layers: int, model: str) -> None:
     from flax import nnx
 
     if model == "speech5":
-        from granite_jax import checkpoint, speech5
-        from granite_jax.config import SPEECH5_PRODUCTION, Speech5FeatureConfig
+        from granite_jax.checkpoint import store as checkpoint
+        from granite_jax.frontend.config import Speech5FeatureConfig
+        from granite_jax.models import speech5
+        from granite_jax.models.speech5_config import SPEECH5_PRODUCTION
 
         keep = tuple(i for i in SPEECH5_PRODUCTION.subsample_layers if i < layers)
         cfg = dataclasses.replace(SPEECH5_PRODUCTION, num_hidden_layers=layers, subsample_layers=keep)
@@ -39,11 +41,12 @@ def make_checkpoint(path: str, layers: int, model: str) -> None:
         checkpoint.save(path, cfg, params, {"source": "random"}, feature_config=feats, overwrite=True)
         return
 
-    from granite_jax import checkpoint
-    from granite_jax.cli import DEMO_PROJECTOR
-    from granite_jax.config import PRODUCTION, ProjectorConfig
-    from granite_jax.modeling import GraniteSpeechEncoder, params_of
-    from granite_jax.projector import GraniteSpeechProjector, projector_params_of
+    from granite_jax.checkpoint import store as checkpoint
+    from granite_jax.cli.demo import DEMO_PROJECTOR
+    from granite_jax.models.conformer import GraniteSpeechEncoder, params_of
+    from granite_jax.models.conformer_config import PRODUCTION
+    from granite_jax.models.projector import GraniteSpeechProjector, projector_params_of
+    from granite_jax.models.projector_config import ProjectorConfig
 
     cfg = dataclasses.replace(PRODUCTION, num_layers=layers)
     pcfg = ProjectorConfig(**DEMO_PROJECTOR, encoder_hidden_size=cfg.output_width)

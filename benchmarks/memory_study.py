@@ -18,7 +18,7 @@ fp32 on CPU, batch 1, random weights, 50 encoder frames per second of audio:
 - `torch-broadcast`: transformers' `GraniteSpeechConformerAttention` with its einsum swapped for the old
   broadcast-and-sum (`old_forward` below, otherwise the current forward line for line);
 - `torch-einsum`: transformers' `GraniteSpeechConformerAttention` as it is;
-- `granite_jax`: `granite_jax.modeling.Attention` under `jax.jit` (compiled before measuring).
+- `granite_jax`: `granite_jax.models.conformer.Attention` under `jax.jit` (compiled before measuring).
 
 Each (variant, length) runs in its own process: one warm-up call, then the peak RSS high-water mark is reset
 (`/proc/self/clear_refs`; where that is not allowed, `ru_maxrss` is used and includes earlier peaks) and the
@@ -44,7 +44,7 @@ import textwrap
 import time
 
 FPS = 50  # encoder frames per second of audio (10 ms hop, stacked by 2)
-HIDDEN, HEADS, DIM_HEAD, CONTEXT, MAX_POS_EMB = 1024, 8, 128, 200, 512  # granite_jax.config.PRODUCTION's
+HIDDEN, HEADS, DIM_HEAD, CONTEXT, MAX_POS_EMB = 1024, 8, 128, 200, 512  # PRODUCTION's (models/conformer_config.py)
 VARIANTS = ("torch-broadcast", "torch-einsum", "granite_jax")
 LABELS = {
     "torch-broadcast": "torch broadcast+sum (old HF)",
@@ -148,8 +148,8 @@ def jax_attention(seed: int = 0):
     """granite_jax's `Attention` at production width (random init)."""
     from flax import nnx
 
-    from granite_jax.config import PRODUCTION
-    from granite_jax.modeling import Attention
+    from granite_jax.models.conformer import Attention
+    from granite_jax.models.conformer_config import PRODUCTION
 
     return Attention(PRODUCTION, rngs=nnx.Rngs(seed))
 

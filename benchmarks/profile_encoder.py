@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from granite_jax import modeling, tiling
-from granite_jax.config import PRODUCTION
+from granite_jax.models import conformer as modeling
+from granite_jax.models.conformer_config import PRODUCTION
+from granite_jax.runtime import tiling
 
 
 def best_time(fn, *args, runs: int = 5) -> float:

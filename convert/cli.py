@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from granite_jax.cliutil import run_command
+from granite_jax.cli.common import run_command
 from granite_jax.convert.convert import DTYPES, convert_checkpoint
 
 

@@ -9,21 +9,17 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from granite_jax import checkpoint
-from granite_jax.checkpoint import Converted
-from granite_jax.config import (
-    ConfigError,
-    EncoderConfig,
-    FeatureConfig,
-    ProjectorConfig,
-    Speech5Config,
-    Speech5FeatureConfig,
-    is_speech5,
-)
+from granite_jax.checkpoint import store as checkpoint
+from granite_jax.checkpoint.store import Converted
 from granite_jax.convert.key_map import PROJECTOR_KEYS, SPEECH5_KEYS, ConversionError, hf_to_flax
 from granite_jax.convert.sources import open_hf_checkpoint
-from granite_jax.modeling import abstract_params
-from granite_jax.projector import abstract_projector_params
+from granite_jax.frontend.config import FeatureConfig, Speech5FeatureConfig
+from granite_jax.hf_config import ConfigError, is_speech5
+from granite_jax.models.conformer import abstract_params
+from granite_jax.models.conformer_config import EncoderConfig
+from granite_jax.models.projector import abstract_projector_params
+from granite_jax.models.projector_config import ProjectorConfig
+from granite_jax.models.speech5_config import Speech5Config
 
 # 2: full checkpoints also convert the projector; 3: preprocessor_config.json is carried over; 4: Granite Speech 5
 CONVERTER_VERSION = "4"
@@ -113,7 +109,7 @@ def convert_hf(src: str, *, dtype: str = "float32", progress: bool = False, revi
 def _convert_speech5(src: str, ckpt, dtype: str, target: np.dtype, progress: bool) -> Converted:
     """The Granite Speech 5 branch of `convert_hf`: the encoder, the CTC head unless tied, the front end's
     settings and the tokenizer's files."""
-    from granite_jax import speech5
+    from granite_jax.models import speech5
 
     try:
         config = Speech5Config.from_hf_config(ckpt.config)

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from granite_jax.config import ConfigError, has_projector, is_speech5, read_hf_config
+from granite_jax.checkpoint.safetensors_file import SafetensorsFile
 from granite_jax.convert.key_map import ConversionError
-from granite_jax.safetensors_file import SafetensorsFile
+from granite_jax.hf_config import ConfigError, has_projector, is_speech5, read_hf_config
 
 # Encoder prefixes, most specific first: published full checkpoints use `encoder.`; transformers'
 # in-memory layout is `model.encoder.`; a bare GraniteSpeechCTCEncoder has none.

@@ -34,7 +34,7 @@ import numpy as np
 
 import granite_jax
 from granite_jax import train
-from granite_jax.config import EncoderConfig
+from granite_jax.models.conformer_config import EncoderConfig
 from granite_jax.testing.speech import make_digit_corpus
 
 SMALL = os.environ.get("GRANITE_JAX_NOTEBOOK_SMALL") == "1"

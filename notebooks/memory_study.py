@@ -57,7 +57,7 @@ import numpy as np
 from IPython.display import Markdown, display
 
 import granite_jax
-from granite_jax.config import PRODUCTION
+from granite_jax.models.conformer_config import PRODUCTION
 
 sys.path.insert(0, str(pathlib.Path(granite_jax.__file__).resolve().parents[1] / "benchmarks"))
 import memory_study as ms
@@ -86,11 +86,11 @@ print("\n".join(src[start : start + 8]))
 
 # %% [markdown]
 # The old form as measured here (`old_forward` is the current forward with that einsum replaced), and
-# granite_jax's einsums (`granite_jax.modeling.Attention`, as installed):
+# granite_jax's einsums (`granite_jax.models.conformer.Attention`, as installed):
 
 # %%
 print(inspect.getsource(ms.old_pos_attn))
-jax_src = inspect.getsource(granite_jax.modeling.Attention)
+jax_src = inspect.getsource(granite_jax.models.conformer.Attention)
 print("\n".join(line.strip() for line in jax_src.splitlines() if "jnp.einsum(" in line))
 
 # %% [markdown]
@@ -171,7 +171,7 @@ fig.tight_layout()
 # %% [markdown]
 # ## Recorded full-size run
 # `nice -n 19 python benchmarks/memory_study.py --json rows.json`, run once on 2026-11-25 (the machine's date)
-# at commit `fd40a09` plus that day's uncommitted working tree, whose `granite_jax.modeling.Attention` computes
+# at commit `fd40a09` plus that day's uncommitted working tree, whose `granite_jax.models.conformer.Attention` computes
 # the Shaw term as one `(2c - 1, dim_head)` matmul plus a relative shift (`relative_logits`). It took 3 min
 # 15 s on a 2-core CPU VM while other jobs ran (load average 2 to 4), so treat the times as indicative. Load
 # does not change the memory columns. The table is `ms.markdown_table` of that run's rows.

@@ -38,9 +38,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import granite_jax
-from granite_jax.cli import DEMO_PROJECTOR
-from granite_jax.config import PRODUCTION
+from granite_jax.cli.demo import DEMO_PROJECTOR
 from granite_jax.data import CLIPS, clip_path
+from granite_jax.models.conformer_config import PRODUCTION
 from granite_jax.testing.hf import make_hf_full_checkpoint
 
 SMALL = os.environ.get("GRANITE_JAX_NOTEBOOK_SMALL") == "1"

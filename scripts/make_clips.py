@@ -1,6 +1,7 @@
 """Regenerate the bundled speech clips (granite_jax/data/clips/*.flac) offline with espeak-ng.
 
-espeak-ng writes 22.05 kHz 16-bit WAV to stdout; it is resampled to 16 kHz with soxr (granite_jax.audio.resample)
+espeak-ng writes 22.05 kHz 16-bit WAV to stdout; it is resampled to 16 kHz with soxr
+(granite_jax.frontend.audio.resample)
 and stored as 16-bit mono FLAC, rounded without dither, so the output depends only on espeak-ng's version.
 Usage: python scripts/make_clips.py [--out DIR]   (needs espeak-ng on PATH, soundfile and soxr)
 """

@@ -21,6 +21,23 @@ from granite_jax.testing import HAS_TORCH, HAS_TORCHAUDIO  # noqa: E402
 # fp32 matmuls default to TF32 on GPUs; the parity tolerances assume full precision everywhere.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# One persistent compilation cache for the whole run, shared by the xdist workers: the many Runners the tests
+# build over the same configs and shapes compile each program once (a cache hit is the same executable).
+# GRANITE_JAX_TEST_CACHE=0 turns it off.
+if os.environ.get("GRANITE_JAX_TEST_CACHE", "1") != "0":
+    import tempfile
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    _cache = os.path.join(tempfile.gettempdir(), f"granite-jax-pytest-xla-{run}")
+    os.makedirs(_cache, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # the same for the subprocesses some tests start (CLIs, simulated devices, killed runs)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 _SKIPS = {
     "torch": (not HAS_TORCH, "needs the torch reference: pip install 'granite-jax[torch]'"),
     "torchaudio": (not HAS_TORCHAUDIO, "needs torchaudio (HF's feature extractor)"),

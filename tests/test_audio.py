@@ -10,8 +10,8 @@ import pytest
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("soxr")
 
-from granite_jax.audio import load_audio, resample  # noqa: E402
 from granite_jax.data import CLIPS, clip_path  # noqa: E402
+from granite_jax.frontend.audio import load_audio, resample  # noqa: E402
 
 SR = 16000
 

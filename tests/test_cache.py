@@ -11,8 +11,8 @@ SCRIPT = """
 import json, sys, time
 import numpy as np
 import granite_jax
-from granite_jax.config import EncoderConfig
-from granite_jax.modeling import GraniteSpeechEncoder
+from granite_jax.models.conformer_config import EncoderConfig
+from granite_jax.models.conformer import GraniteSpeechEncoder
 from flax import nnx
 path = granite_jax.enable_compilation_cache(sys.argv[1])
 cfg = EncoderConfig(input_dim=12, num_layers=2, hidden_dim=32, num_heads=2, output_dim=7, context_size=8)

@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 import granite_jax
-from granite_jax.modeling import GraniteSpeechEncoder
+from granite_jax.models.conformer import GraniteSpeechEncoder
+from granite_jax.runtime.tiling import Tiled, tile_plan
+from granite_jax.runtime.tiling import encode as tiled_encode
 from granite_jax.testing import TINY, convert_cli, rel_err, torch_encode
 from granite_jax.testing.hf import make_hf_checkpoint
-from granite_jax.tiling import Tiled, tile_plan
-from granite_jax.tiling import encode as tiled_encode
 
 CONFIGS = {
     "tiny": TINY,
@@ -93,7 +93,7 @@ def test_chunked_against_torch(tmp_path_factory, t_blocks, rem):
 
 
 def test_load_rejects_bad_chunk_blocks(tmp_path):
-    from granite_jax.runner import Runner
+    from granite_jax.runtime.runner import Runner
 
     with pytest.raises(ValueError, match="chunk_blocks"):
         Runner(GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0)), chunk_blocks=0)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from granite_jax.cli import main
+from granite_jax.cli.main import main
 from granite_jax.testing import TINY
 from granite_jax.testing.hf import make_hf_checkpoint
 

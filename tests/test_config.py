@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from granite_jax.config import PRODUCTION, ConfigError, EncoderConfig
+from granite_jax.hf_config import ConfigError
+from granite_jax.models.conformer_config import PRODUCTION, EncoderConfig
 from granite_jax.testing import TINY
 
 

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import granite_jax
-from granite_jax import checkpoint
+from granite_jax.checkpoint import store as checkpoint
 from granite_jax.convert import convert_hf, flax_to_hf, sources
 from granite_jax.convert.cli import main as convert_main
 from granite_jax.testing import TINY, convert_cli, rel_err, torch_encode
@@ -87,7 +87,7 @@ def test_only_encoder_and_projector_shards_are_opened(tmp_path, monkeypatch):
     enc = {v for k, v in index["weight_map"].items() if k.startswith(("encoder.", "projector."))}
     other = set(index["weight_map"].values()) - enc
     assert other, "the test needs shards without encoder or projector tensors"
-    from granite_jax.safetensors_file import SafetensorsFile
+    from granite_jax.checkpoint.safetensors_file import SafetensorsFile
 
     opened = []
     real = SafetensorsFile.__init__
@@ -264,7 +264,7 @@ def test_hub_download_fetches_only_what_the_encoder_needs(tmp_path, monkeypatch)
     assert prov["source"] == "org/model" and config == CFG
     assert projector_config is not None and "linear.kernel" in projector_params
     x = np.random.default_rng(8).standard_normal((1, 9, CFG.input_dim)).astype(np.float32)
-    model = granite_jax.Runner(granite_jax.modeling.encoder_from_params(config, params))
+    model = granite_jax.Runner(granite_jax.models.conformer.encoder_from_params(config, params))
     assert rel_err(model.encode_features(x), torch_encode(ref, x)) < 1e-4
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from granite_jax.ctc import collapse, ctc_greedy_decode, ctc_greedy_ids, token_runs
+from granite_jax.text.ctc import collapse, ctc_greedy_decode, ctc_greedy_ids, token_runs
 
 KINDS = ("byte_level", "sentencepiece")
 
@@ -84,7 +84,7 @@ def runner4():
     from flax import nnx
 
     import granite_jax
-    from granite_jax.modeling import GraniteSpeechEncoder
+    from granite_jax.models.conformer import GraniteSpeechEncoder
     from granite_jax.testing import TINY
 
     cfg = dataclasses.replace(TINY, output_dim=12)
@@ -116,7 +116,7 @@ def test_4x_ctc_greedy_and_timestamps_collapse_once(runner4):
 def tokenizers():
     pytest.importorskip("transformers")
     from granite_jax.testing.hf5 import hf_tokenizer, train_tokenizer
-    from granite_jax.tokenizer import CTCTokenizer
+    from granite_jax.text.tokenizer import CTCTokenizer
 
     out = {}
     for kind in KINDS:
@@ -150,7 +150,7 @@ def test_hand_paths_against_parakeet(tokenizers, kind):
 def test_random_paths_against_parakeet(tokenizers, kind, data):
     """Random frame paths over a small alphabet (blank, <unk>, a few word pieces): text equals HF's, and the
     timestamps list exactly the tokens the text holds."""
-    from granite_jax.ctc import align
+    from granite_jax.text.ctc import align
 
     ours, hf = tokenizers[kind]
     alphabet = [0, 1, *_word_ids(ours, "the fox is"), *_word_ids(ours, "report")[:2]]
@@ -177,7 +177,7 @@ def test_clean_up_follows_transformers_for_bpe(tmp_path, tokenizers):
     """A BPE tokenizer whose config asks for clean-up: transformers skips it (it corrupts BPE text)."""
     import json
 
-    from granite_jax.tokenizer import CTCTokenizer
+    from granite_jax.text.tokenizer import CTCTokenizer
 
     ours, hf = tokenizers["byte_level"]
     ids = collapse([i for i in _word_ids(ours, "hello world , how are you ?")])
@@ -209,7 +209,7 @@ def test_calibrated_model_transcribes_like_transformers(tmp_path, tokenizers, ki
     import transformers
 
     import granite_jax
-    from granite_jax.cli import main
+    from granite_jax.cli.main import main
     from granite_jax.data import clip_path
     from granite_jax.testing import convert_cli
     from granite_jax.testing.hf5 import TINY5, hf_tokenizer, make_hf5_checkpoint

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import granite_jax
-from granite_jax.audio import load_audio, resample
-from granite_jax.ctc import ctc_greedy_decode
 from granite_jax.data import clip_path
+from granite_jax.frontend.audio import load_audio, resample
 from granite_jax.testing import TINY, convert_cli, rel_err
+from granite_jax.text.ctc import ctc_greedy_decode
 
 # input_dim 160 (the log-mel width); context 8 frames (0.16 s), so a 3 s clip spans ~20 blocks and the
 # chunk_blocks=4 engages chunking; a plus variant so that the projector takes the wider input.
@@ -235,8 +235,8 @@ def test_bare_encoder_has_no_projector(tmp_path):
 def test_encode_needs_log_mel_width(tmp_path):
     from flax import nnx
 
-    from granite_jax.modeling import GraniteSpeechEncoder
-    from granite_jax.runner import Runner
+    from granite_jax.models.conformer import GraniteSpeechEncoder
+    from granite_jax.runtime.runner import Runner
 
     model = Runner(GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="input_dim=12"):
@@ -315,10 +315,10 @@ def test_ctc_logits_and_extract_features_compile_per_bucket(pair):
         model.ctc_logits(model.encode_features(granite_jax.extract_features(_noise(n, 1))[0]))
     assert model.num_traces - before == 0
     assert model.num_compilations == model.num_traces  # the earlier name
-    before = granite_jax.features._log_mel_jit._cache_size()
+    before = granite_jax.frontend.features._log_mel_jit._cache_size()
     for n in (4001, 4100, 4200):
         granite_jax.extract_features(_noise(n, 1))
-    assert granite_jax.features._log_mel_jit._cache_size() - before <= 1
+    assert granite_jax.frontend.features._log_mel_jit._cache_size() - before <= 1
 
 
 @pytest.mark.torch
@@ -366,7 +366,8 @@ def test_checkpoint_feature_settings_are_honoured(tmp_path, batch_mode):
 
 
 def test_load_checks_its_arguments_before_reading_weights(tmp_path, monkeypatch):
-    from granite_jax import checkpoint, runner
+    from granite_jax.checkpoint import store as checkpoint
+    from granite_jax.runtime import load as runner
 
     def no_read(*a, **k):
         raise AssertionError("weights were read before the arguments were checked")

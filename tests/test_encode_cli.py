@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import granite_jax
-from granite_jax.audio import load_audio
-from granite_jax.cli import main
+from granite_jax.cli.main import main
 from granite_jax.data import CLIPS, clip_path
+from granite_jax.frontend.audio import load_audio
 from granite_jax.testing import TINY, convert_cli, rel_err
 
 pytestmark = pytest.mark.torch

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import granite_jax
-from granite_jax.config import PRODUCTION
+from granite_jax.models.conformer_config import PRODUCTION
 from granite_jax.testing import TINY, convert_cli, rel_err, torch_encode
 from granite_jax.testing.hf import make_hf_checkpoint
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import granite_jax
-from granite_jax.export import export_hf
-from granite_jax.safetensors_file import SafetensorsFile
+from granite_jax.checkpoint.export import export_hf
+from granite_jax.checkpoint.safetensors_file import SafetensorsFile
 from granite_jax.testing import TINY, convert_cli, rel_err, torch_encode
 from granite_jax.testing.hf import make_hf_checkpoint, make_hf_full_checkpoint
 
@@ -57,7 +57,7 @@ def test_bare_encoder_loads_in_transformers(tmp_path, plus):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_full_model_round_trip_is_bit_exact(tmp_path, dtype):
     """HF (sharded, fp32 or bf16 as shipped) -> granite_jax (fp32) -> export with --base: every tensor as it was."""
-    from granite_jax.cli import main
+    from granite_jax.cli.main import main
 
     make_hf_full_checkpoint(CFG, tmp_path / "hf", seed=4, dtype=dtype, max_shard_size="40KB", projector=PROJECTOR)
     (tmp_path / "hf" / "tokenizer.json").write_text('{"keep": "me"}')  # every other file is copied through
@@ -75,7 +75,7 @@ def test_fine_tuned_model_in_the_full_checkpoint(tmp_path):
     """Changed weights land in the whole model: transformers' get_audio_features equals granite_jax's encode."""
     import transformers
 
-    from granite_jax.modeling import params_of
+    from granite_jax.models.conformer import params_of
 
     make_hf_full_checkpoint(CFG, tmp_path / "hf", seed=5, projector=PROJECTOR)
     convert_cli(tmp_path / "hf", tmp_path / "gj")

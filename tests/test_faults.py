@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import granite_jax
-from granite_jax import atomic, checkpoint
+from granite_jax.checkpoint import atomic
+from granite_jax.checkpoint import store as checkpoint
 from granite_jax.testing import TINY, convert_cli
 
 pytestmark = pytest.mark.torch
@@ -122,7 +123,7 @@ def test_destination_problems_are_found_before_reading(hf_dir, tmp_path, monkeyp
 # -- permissions follow the umask -------------------------------------------------------------------------
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
 def test_outputs_follow_the_umask(hf_dir, tmp_path, mask):
-    from granite_jax.encode_cli import main as encode_main
+    from granite_jax.cli.encode import main as encode_main
 
     old = os.umask(mask)
     try:
@@ -198,13 +199,13 @@ def test_killed_converter_leaves_nothing_and_the_next_run_succeeds(hf_dir, tmp_p
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_encode_leaves_nothing_and_the_next_run_succeeds(hf_dir, tmp_path, sig):
-    from granite_jax.encode_cli import main as encode_main
+    from granite_jax.cli.encode import main as encode_main
 
     convert_cli(hf_dir, tmp_path / "gj")
     _write_wav(tmp_path / "a.wav", np.zeros(4000, np.float32))
     out = tmp_path / "out"
     out.mkdir()
-    argv = ["granite_jax.encode_cli", str(tmp_path / "gj"), str(tmp_path / "a.wav"), "--out", str(out / "e.npz")]
+    argv = ["granite_jax.cli.encode", str(tmp_path / "gj"), str(tmp_path / "a.wav"), "--out", str(out / "e.npz")]
     done = _killed_run(argv + ["--quiet"], sig, tmp_path)
     assert done.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL), done.stderr
     assert not (out / "e.npz").exists()
@@ -354,7 +355,7 @@ def test_non_finite_weights_are_never_returned_as_nan(hf_dir, tmp_path):
 
 
 def test_ctc_greedy_decode_lengths():
-    from granite_jax.ctc import ctc_greedy_decode
+    from granite_jax.text.ctc import ctc_greedy_decode
 
     ids = np.array([[65, 65, 0, 66, 66], [67, 0, 67, 0, 0]])
     assert ctc_greedy_decode(ids, [5, 3]) == ["AB", "CC"]
@@ -368,7 +369,7 @@ def test_ctc_greedy_decode_lengths():
 
 # -- the encode CLI names files and checks its output first ------------------------------------------------
 def test_encode_cli_names_the_bad_file(hf_dir, tmp_path, monkeypatch):
-    from granite_jax.encode_cli import main as encode_main
+    from granite_jax.cli.encode import main as encode_main
 
     convert_cli(hf_dir, tmp_path / "gj")
     clips = tmp_path / "clips"
@@ -382,7 +383,7 @@ def test_encode_cli_names_the_bad_file(hf_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("problem", ["missing_parent", "directory", "read_only", "exists"])
 def test_encode_cli_checks_its_output_before_encoding(hf_dir, tmp_path, monkeypatch, problem):
-    from granite_jax import encode_cli
+    from granite_jax.cli import encode as encode_cli
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the output was checked")

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from granite_jax.config import ConfigError, FeatureConfig
-from granite_jax.features import (
+from granite_jax.frontend.config import FeatureConfig
+from granite_jax.frontend.features import (
     extract_features,
     log_mel,
     mel_filterbank,
@@ -19,6 +19,7 @@ from granite_jax.features import (
     num_encoder_frames,
     prepare_waveforms,
 )
+from granite_jax.hf_config import ConfigError
 
 SR = 16000
 HOP = 160
@@ -52,8 +53,8 @@ def noise(n: int, seed: int = 0, scale: float = 0.1) -> np.ndarray:
 
 def clip(name: str) -> np.ndarray:
     pytest.importorskip("soundfile")
-    from granite_jax.audio import load_audio
     from granite_jax.data import clip_path
+    from granite_jax.frontend.audio import load_audio
 
     return load_audio(clip_path(name))
 
@@ -223,7 +224,7 @@ def test_hf_batch_on_a_longer_padded_array_equals_hf_on_the_list(hf):
 @pytest.mark.parametrize("chunk", [7, 64, 333])
 def test_chunked_log_mel_equals_unchunked(monkeypatch, chunk):
     """Long audio is framed chunk by chunk (bounded memory); the result does not change, in either mode."""
-    from granite_jax import features
+    from granite_jax.frontend import features
 
     waves = batch_waves()
     n = jnp.asarray(BATCH_LENGTHS, jnp.int32)
@@ -266,7 +267,7 @@ def test_inputs_jax_arrays_and_tuples():
 
 def test_resampled_input_equals_resampling_first():
     pytest.importorskip("soxr")
-    from granite_jax.audio import resample
+    from granite_jax.frontend.audio import resample
 
     x8 = (0.3 * np.sin(2 * np.pi * 300 * np.arange(8000) / 8000)).astype(np.float32)
     feats, lengths = extract_features(x8, sampling_rate=8000)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from granite_jax import speech5
-from granite_jax.config import Speech5FeatureConfig
-from granite_jax.modeling import GraniteSpeechEncoder, encoder_from_params, params_of
-from granite_jax.projector import GraniteSpeechProjector
-from granite_jax.runner import Runner
+from granite_jax.frontend.config import Speech5FeatureConfig
+from granite_jax.models import speech5
+from granite_jax.models.conformer import GraniteSpeechEncoder, encoder_from_params, params_of
+from granite_jax.models.projector import GraniteSpeechProjector
+from granite_jax.runtime.runner import Runner
 from granite_jax.testing import TINY
 from granite_jax.testing.hf5 import TINY5
 
@@ -80,7 +80,7 @@ def test_layerwise_equals_scan(name, chunk_blocks):
 
 
 def test_layerwise_encode_waveforms_with_projector():
-    from granite_jax.config import ProjectorConfig
+    from granite_jax.models.projector_config import ProjectorConfig
 
     cfg = dataclasses.replace(TINY, input_dim=160, num_layers=3, conv_kernel_size=5, cat_hidden_layers=(1,))
     pcfg = ProjectorConfig(
@@ -133,7 +133,7 @@ def test_load_builds_the_blocks_unstacked(tmp_path, name):
     """`load` reads each block's weights straight into arrays of their own (never a stacked copy): the
     runner is layerwise, holds every weight once, and equals the scan runner on the same checkpoint."""
     import granite_jax
-    from granite_jax import checkpoint
+    from granite_jax.checkpoint import store as checkpoint
 
     cfg = CFG4.get(name) or CFG5[name]
     scan, _ = _pair(cfg)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import granite_jax
-from granite_jax.buckets import BucketPolicy
-from granite_jax.buckets import ladder_frames as _ladder_frames
+from granite_jax.runtime.buckets import BucketPolicy
+from granite_jax.runtime.buckets import ladder_frames as _ladder_frames
 from granite_jax.testing import TINY, convert_cli, rel_err, torch_encode
 from granite_jax.testing.hf import make_hf_checkpoint
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from granite_jax import modeling, tiling
-from granite_jax.config import PRODUCTION
+from granite_jax.models import conformer as modeling
+from granite_jax.models.conformer_config import PRODUCTION
+from granite_jax.runtime import tiling
 from granite_jax.testing import TINY
 
 

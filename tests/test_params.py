@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from granite_jax.modeling import GraniteSpeechEncoder, abstract_params, encoder_from_params, params_of
+from granite_jax.models.conformer import GraniteSpeechEncoder, abstract_params, encoder_from_params, params_of
 from granite_jax.testing import TINY
 
 CFG = dataclasses.replace(TINY, num_layers=3, cat_hidden_layers=(0, 2))

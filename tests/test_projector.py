@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from granite_jax import checkpoint
-from granite_jax.config import PROJECTOR_ACTIVATIONS, ConfigError, EncoderConfig, ProjectorConfig
+from granite_jax.checkpoint import store as checkpoint
 from granite_jax.convert import PROJECTOR_KEYS, ConversionError, Converted, convert_hf, flax_to_hf, hf_to_flax
 from granite_jax.convert.cli import main as convert_main
-from granite_jax.modeling import encoder_from_params
-from granite_jax.projector import (
+from granite_jax.hf_config import ConfigError
+from granite_jax.models.conformer import encoder_from_params
+from granite_jax.models.conformer_config import EncoderConfig
+from granite_jax.models.projector import (
     GraniteSpeechProjector,
     abstract_projector_params,
     activation,
@@ -29,6 +30,7 @@ from granite_jax.projector import (
     projector_from_params,
     projector_params_of,
 )
+from granite_jax.models.projector_config import PROJECTOR_ACTIVATIONS, ProjectorConfig
 from granite_jax.testing import TINY, convert_cli, rel_err
 from granite_jax.testing.hf import (
     hf_audio_features,
@@ -293,7 +295,7 @@ def test_bfloat16_compute_runs_close_to_fp32():
 @pytest.mark.parametrize("chunk", [1, 3, 4, 9])  # 10 windows: chunks that do not divide them too
 def test_chunked_projector_equals_unchunked(monkeypatch, chunk):
     """Many windows (long audio) go through the Q-Former a chunk of windows at a time: same result."""
-    from granite_jax import projector
+    from granite_jax.models import projector
 
     pcfg = ProjectorConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8,
                            encoder_hidden_size=12, llm_hidden_size=10)  # fmt: skip

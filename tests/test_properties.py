@@ -13,8 +13,8 @@ from flax import nnx
 from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
-from granite_jax.modeling import GraniteSpeechEncoder
-from granite_jax.runner import Runner
+from granite_jax.models.conformer import GraniteSpeechEncoder
+from granite_jax.runtime.runner import Runner
 from granite_jax.testing import TINY
 
 CFG = dataclasses.replace(TINY, input_dim=160, num_layers=2)

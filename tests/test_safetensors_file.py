@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from granite_jax.safetensors_file import SafetensorsError, SafetensorsFile
+from granite_jax.checkpoint.safetensors_file import SafetensorsError, SafetensorsFile
 
 
 def test_matches_the_library(tmp_path):

@@ -30,11 +30,11 @@ def _checks(tmp: str) -> dict:
     from flax import nnx
 
     import granite_jax
-    from granite_jax import checkpoint
-    from granite_jax.config import ProjectorConfig
-    from granite_jax.modeling import GraniteSpeechEncoder, params_of
-    from granite_jax.projector import GraniteSpeechProjector, projector_params_of
-    from granite_jax.runner import Runner
+    from granite_jax.checkpoint import store as checkpoint
+    from granite_jax.models.conformer import GraniteSpeechEncoder, params_of
+    from granite_jax.models.projector import GraniteSpeechProjector, projector_params_of
+    from granite_jax.models.projector_config import ProjectorConfig
+    from granite_jax.runtime.runner import Runner
 
     out: dict = {"local_devices": len(jax.local_devices())}
     pcfg = ProjectorConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
@@ -199,8 +199,8 @@ def test_bad_devices_in_process():
     import jax
     from flax import nnx
 
-    from granite_jax.modeling import GraniteSpeechEncoder
-    from granite_jax.runner import Runner
+    from granite_jax.models.conformer import GraniteSpeechEncoder
+    from granite_jax.runtime.runner import Runner
 
     n = len(jax.local_devices())
     model = GraniteSpeechEncoder(TINY, rngs=nnx.Rngs(0))

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 import granite_jax
-from granite_jax.config import ConfigError, Speech5Config, Speech5FeatureConfig
-from granite_jax.features import speech5_features, speech5_frames
+from granite_jax.frontend.config import Speech5FeatureConfig
+from granite_jax.frontend.features import speech5_features, speech5_frames
+from granite_jax.hf_config import ConfigError
+from granite_jax.models.speech5_config import Speech5Config
 from granite_jax.testing import convert_cli, rel_err
 
 pytestmark = pytest.mark.torch
@@ -249,7 +251,7 @@ def test_hidden_states_and_mid_logits(pairs):
 
 
 def test_production_widths_with_two_layers(tmp_path):
-    from granite_jax.config import SPEECH5_PRODUCTION
+    from granite_jax.models.speech5_config import SPEECH5_PRODUCTION
     from granite_jax.testing.hf5 import make_hf5_checkpoint
 
     cfg = dataclasses.replace(SPEECH5_PRODUCTION, num_hidden_layers=2, vocab_size=512)
@@ -270,8 +272,8 @@ def test_bf16_error_is_bounded(pairs, tmp_path):
     x = np.random.default_rng(6).standard_normal((1, 70, model.config.input_dim)).astype(np.float32)
     full = np.asarray(model.ctc_logits(model.encode_features(x)))
     half_model = granite_jax.Runner(
-        granite_jax.speech5.encoder_from_params(
-            model.config, granite_jax.speech5.params_of(model.model), param_dtype="bfloat16", dtype="bfloat16"
+        granite_jax.models.speech5.encoder_from_params(
+            model.config, granite_jax.models.speech5.params_of(model.model), param_dtype="bfloat16", dtype="bfloat16"
         )
     )
     half = np.asarray(half_model.ctc_logits(half_model.encode_features(x)), np.float32)
@@ -322,8 +324,8 @@ def test_ctc_loss_and_gradients_equal_transformers(pairs):
     import torch
     from flax import nnx
 
+    from granite_jax.checkpoint.params import variables_of
     from granite_jax.convert.key_map import SPEECH5_KEYS, flax_to_hf
-    from granite_jax.nnx_params import variables_of
     from granite_jax.train import ctc_loss
 
     ref, model, proc = pairs("untied_no_bias")
@@ -362,7 +364,7 @@ def test_timestamps_follow_the_alignment(pairs):
     ids = np.asarray(model.ctc_logits(res.hidden_states)).argmax(-1)
     for t, text, row, n, w in zip(timed, plain, ids, res.lengths, waves, strict=True):
         assert t.text == text
-        from granite_jax.ctc import token_runs
+        from granite_jax.text.ctc import token_runs
 
         runs = token_runs(row[:n], model.config.pad_token_id)
         assert [s.start for s in t.tokens] == [a * 0.08 for _, a, _ in runs]
@@ -374,7 +376,7 @@ def test_timestamps_follow_the_alignment(pairs):
 def test_transcribe_command(pairs, tmp_path):
     import soundfile
 
-    from granite_jax.cli import main
+    from granite_jax.cli.main import main
 
     _, model, _ = pairs("tiny")
     ckpt = model.tokenizer.source
@@ -449,7 +451,7 @@ def test_finetune_with_bpe_labels_and_export(pairs, tmp_path):
 
 
 def test_round_trip_with_base_is_bit_exact(tmp_path, tokenizers_by_kind):
-    from granite_jax.safetensors_file import SafetensorsFile
+    from granite_jax.checkpoint.safetensors_file import SafetensorsFile
     from granite_jax.testing.hf5 import make_hf5_checkpoint
 
     tok = tokenizers_by_kind["sentencepiece"]

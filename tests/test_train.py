@@ -14,10 +14,10 @@ import pytest
 from flax import nnx
 
 import granite_jax
-from granite_jax.config import PRODUCTION
+from granite_jax.checkpoint.params import variables_of
 from granite_jax.convert import flax_to_hf
-from granite_jax.modeling import GraniteSpeechEncoder
-from granite_jax.nnx_params import variables_of
+from granite_jax.models.conformer import GraniteSpeechEncoder
+from granite_jax.models.conformer_config import PRODUCTION
 from granite_jax.testing import TINY, convert_cli
 from granite_jax.testing.hf import hf_ctc_loss, make_hf_checkpoint
 from granite_jax.train import ctc_loss, ctc_loss_and_metrics, text_to_labels

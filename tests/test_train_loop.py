@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import granite_jax
-from granite_jax.config import EncoderConfig
 from granite_jax.data import CLIPS, clip_path
+from granite_jax.models.conformer_config import EncoderConfig
 from granite_jax.train import RunConfig, TrainConfig, finetune, new_checkpoint
 from granite_jax.train.data import ManifestError, read_manifest
 
@@ -104,7 +104,7 @@ def test_manifest_errors_name_their_lines(tmp_path):
 
 
 def test_finetune_cli_refuses_unlabellable_text_before_training(tmp_path, capsys):
-    from granite_jax.cli import main
+    from granite_jax.cli.main import main
 
     new_checkpoint(SMALL, tmp_path / "init")
     with open(tmp_path / "m.json", "w") as f:
@@ -130,7 +130,7 @@ def test_finetune_cli_refuses_unlabellable_text_before_training(tmp_path, capsys
 
 _RUN = """
 import sys
-from granite_jax.cli import main
+from granite_jax.cli.main import main
 sys.exit(main(["finetune", {init!r}, "--train", {manifest!r}, "--out", {out!r}, "--steps", "8", "--batch-size", "2",
                "--save-every", "2", "--lr", "2e-3", "--seed", "3", "--mid-weight", "0.2", "--quiet"] + {extra!r}))
 """
@@ -163,8 +163,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     assert _finetune(tmp_path, str(tmp_path / "killed"), kill_after_state=4) == -signal.SIGKILL
     assert not (tmp_path / "killed").exists()
     assert _finetune(tmp_path, str(tmp_path / "killed"), extra=["--resume"]) == 0
-    a = granite_jax.checkpoint.load(tmp_path / "straight").params
-    b = granite_jax.checkpoint.load(tmp_path / "killed").params
+    a = granite_jax.checkpoint.store.load(tmp_path / "straight").params
+    b = granite_jax.checkpoint.store.load(tmp_path / "killed").params
     assert set(a) == set(b)
     assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])][:5]
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed.train" / "metrics.jsonl").read_text().splitlines()]
@@ -179,7 +179,7 @@ import dataclasses, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 jax.config.update("jax_default_matmul_precision", "highest")
-from granite_jax.modeling import GraniteSpeechEncoder
+from granite_jax.models.conformer import GraniteSpeechEncoder
 from granite_jax.testing import TINY
 from granite_jax.train import Trainer, TrainConfig
 cfg = dataclasses.replace(TINY, num_layers=3, dropout=0.0)

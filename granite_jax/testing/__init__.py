@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from granite_jax.config import EncoderConfig
+from granite_jax.models.conformer_config import EncoderConfig
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
 HAS_TORCHAUDIO = HAS_TORCH and importlib.util.find_spec("torchaudio") is not None

@@ -12,7 +12,8 @@ import math
 import os
 from typing import Any
 
-from granite_jax.config import EncoderConfig, ProjectorConfig
+from granite_jax.models.conformer_config import EncoderConfig
+from granite_jax.models.projector_config import ProjectorConfig
 
 
 def require_torch():

@@ -10,7 +10,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from granite_jax.config import Speech5Config, Speech5FeatureConfig
+from granite_jax.frontend.config import Speech5FeatureConfig
+from granite_jax.models.speech5_config import Speech5Config
 from granite_jax.testing.hf import perturb_, require_torch
 
 # A small config exercising every code path; tests derive variants with dataclasses.replace.

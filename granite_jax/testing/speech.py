@@ -31,7 +31,7 @@ def espeak(text: str, voice: str = "en-us", wpm: int = 160) -> np.ndarray:
     """espeak-ng's speech for `text` as float32 samples at 16 kHz."""
     import soundfile as sf
 
-    from granite_jax.audio import resample
+    from granite_jax.frontend.audio import resample
 
     if not have_espeak():
         raise FileNotFoundError("espeak-ng is not on PATH (Debian/Ubuntu: apt-get install espeak-ng)")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from granite_jax.buckets import ladder_frames
+from granite_jax.runtime.buckets import ladder_frames
 
 
 @dataclasses.dataclass(frozen=True)

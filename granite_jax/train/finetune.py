@@ -22,12 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from granite_jax import checkpoint, speech5
-from granite_jax.audio import load_audio
-from granite_jax.config import EncoderConfig, FeatureConfig
-from granite_jax.modeling import GraniteSpeechEncoder, params_of
-from granite_jax.projector import projector_params_of
-from granite_jax.tokenizer import TOKENIZER_FILES
+from granite_jax.checkpoint import store as checkpoint
+from granite_jax.frontend.audio import load_audio
+from granite_jax.frontend.config import FeatureConfig
+from granite_jax.models import speech5
+from granite_jax.models.conformer import GraniteSpeechEncoder, params_of
+from granite_jax.models.conformer_config import EncoderConfig
+from granite_jax.models.projector import projector_params_of
+from granite_jax.text.tokenizer import TOKENIZER_FILES
 from granite_jax.train import data, lora
 from granite_jax.train.loss import text_to_labels
 from granite_jax.train.step import TrainConfig, Trainer

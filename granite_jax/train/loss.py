@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from granite_jax.modeling import PLAIN, Strategy
+from granite_jax.models.conformer import PLAIN, Strategy
 
 Batch = Mapping[str, Any]  # features (B, T, F), lengths (B,), labels (B, L), label_lengths (B,)
 

@@ -26,9 +26,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from granite_jax.devices import AXIS, DeviceSpec, resolve_devices
-from granite_jax.modeling import ConformerBlock, GraniteSpeechEncoder, Plain, Strategy
-from granite_jax.nnx_params import _names
+from granite_jax.checkpoint.params import _names
+from granite_jax.models.conformer import ConformerBlock, GraniteSpeechEncoder, Plain, Strategy
+from granite_jax.runtime.devices import AXIS, DeviceSpec, resolve_devices
 from granite_jax.train.loss import Batch, ctc_loss_and_metrics
 
 

@@ -7,15 +7,16 @@ per index, `layers.0.attn.to_q.kernel`, ..., as the checkpoints and the referenc
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from granite_jax.models.stacking import Segments, Stacking
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -23,19 +24,6 @@ M = TypeVar("M", bound=nnx.Module)
 def path_str(path: tuple) -> str:
     """An NNX state path as the dotted name used in checkpoints, e.g. `layers.0.attn.to_q.kernel`."""
     return ".".join(str(p) for p in path)
-
-
-@dataclasses.dataclass(frozen=True)
-class Segments:
-    """Stacks kept as a list under one attribute: segment s (path `name.s.…`, leading axis k) is layer
-    `offsets[s] + k`, so that the flat names stay `name.{layer}.…` (Granite Speech 5: subsampling blocks
-    apart from the regular ones)."""
-
-    name: str
-    offsets: tuple[int, ...]
-
-
-Stacking = str | Segments | None
 
 
 def _names(path: tuple, shape: tuple[int, ...], stacked: Stacking) -> Iterator[tuple[str, int | None]]:
@@ -49,40 +37,6 @@ def _names(path: tuple, shape: tuple[int, ...], stacked: Stacking) -> Iterator[t
             yield path_str((stacked, i) + tuple(path[1:])), i
     else:
         yield path_str(path), None
-
-
-def stacked_modules(make: Callable[[nnx.Rngs], M], num: int, rngs: nnx.Rngs) -> M | None:
-    """`num` modules `make(rngs)` as one, each variable with a leading axis of `num` (for `nnx.scan`);
-    None when `num` is 0."""
-    if num == 0:
-        return None
-
-    @nnx.split_rngs(splits=num)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def build(rngs: nnx.Rngs) -> M:
-        return make(rngs)
-
-    return build(rngs)
-
-
-def scan_stacked(stacked: M, body: Callable[[M, Any, Any], Any], carry: Any, xs: Any, *, mutable: Any = None) -> Any:
-    """`carry = body(module_i, carry, xs[i])` for each index of a stacked module, in one `lax.scan`.
-
-    Plain split / merge around `lax.scan`, so that it works wherever the module was built (also one closed
-    over by a `jax.jit`). `mutable`: an `nnx` filter of the variables the body updates (BatchNorm statistics,
-    RNG counters in training); they are written back into `stacked`. None: nothing is written back.
-    """
-    graphdef, state = nnx.split(stacked)
-
-    def step(carry, inputs):
-        module = nnx.merge(graphdef, inputs[0])
-        carry = body(module, carry, inputs[1])
-        return carry, (nnx.state(module, mutable) if mutable is not None else None)
-
-    carry, updated = jax.lax.scan(step, carry, (state, xs))
-    if mutable is not None:
-        nnx.update(stacked, updated)
-    return carry
 
 
 def abstract_variables(make: Callable[[], nnx.Module], stacked: Stacking = None) -> dict[str, jax.ShapeDtypeStruct]:

@@ -22,17 +22,11 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from granite_jax.config import Speech5Config
-from granite_jax.layers import ACTIVATIONS, BatchNorm1d, Dropout, dense, layer_norm, split_key
-from granite_jax.modeling import EncoderOutput, depthwise_taps, local_attention, masked, shaw_logits
-from granite_jax.nnx_params import (
-    Segments,
-    abstract_variables,
-    module_from_params,
-    scan_stacked,
-    stacked_modules,
-    variables_of,
-)
+from granite_jax.checkpoint.params import abstract_variables, module_from_params, variables_of
+from granite_jax.models.conformer import EncoderOutput, depthwise_taps, local_attention, masked, shaw_logits
+from granite_jax.models.layers import ACTIVATIONS, BatchNorm1d, Dropout, dense, layer_norm, split_key
+from granite_jax.models.speech5_config import Speech5Config
+from granite_jax.models.stacking import Segments, scan_stacked, stacked_modules
 
 
 class FeedForward(nnx.Module):

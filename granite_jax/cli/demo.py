@@ -1,8 +1,8 @@
-"""`granite-jax`: `demo` (the whole path on a bundled clip, no downloads), `encode` and `convert`."""
+"""`granite-jax demo`: a bundled clip through the whole path with a random checkpoint at the released
+architecture, in JAX and in transformers' torch, with speed and parity (no downloads)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -10,8 +10,6 @@ import tempfile
 import time
 
 import numpy as np
-
-from granite_jax.cliutil import run_command
 
 
 def _timed(fn, runs: int) -> list[float]:
@@ -38,8 +36,8 @@ DEMO_PROJECTOR = dict(
 
 
 def _clip(name_or_path: str, seconds: float | None):
-    from granite_jax.audio import load_audio
     from granite_jax.data import CLIPS, clip_path
+    from granite_jax.frontend.audio import load_audio
 
     wave = load_audio(clip_path(name_or_path) if name_or_path in CLIPS else name_or_path)
     if seconds is not None:  # repeat (or cut) the clip to the requested length
@@ -53,8 +51,8 @@ def demo(layers: int, clip: str, seconds: float | None, runs: int, batch: int) -
     import jax
 
     import granite_jax
-    from granite_jax.config import PRODUCTION
     from granite_jax.convert.convert import convert_checkpoint
+    from granite_jax.models.conformer_config import PRODUCTION
     from granite_jax.testing.hf import make_hf_full_checkpoint, require_torch
 
     try:
@@ -142,8 +140,8 @@ def demo5(layers: int, clip: str, seconds: float | None, runs: int, batch: int) 
     import jax
 
     import granite_jax
-    from granite_jax.config import SPEECH5_PRODUCTION
     from granite_jax.convert.convert import convert_checkpoint
+    from granite_jax.models.speech5_config import SPEECH5_PRODUCTION
     from granite_jax.testing.hf import require_torch
     from granite_jax.testing.hf5 import hf_tokenizer, make_hf5_checkpoint
 
@@ -221,59 +219,3 @@ def _since(t0: float) -> str:
 def _rel(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="granite-jax", description="Granite Speech encoder in JAX")
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser(
-        "demo",
-        help="encode a bundled speech clip with a random checkpoint at the real architecture; compare with torch",
-    )
-    d.add_argument(
-        "--model",
-        choices=("granite-speech", "speech5"),
-        default="granite-speech",
-        help="granite-speech: the 4.x encoder + projector; speech5: Granite Speech 5 TurboCTC (470M)",
-    )
-    d.add_argument("--layers", type=int, default=16, help="encoder depth (16 = the released models')")
-    d.add_argument("--clip", default="fox", help="a bundled clip (fox, numbers, report) or an audio file")
-    d.add_argument("--seconds", type=float, default=None, help="repeat or cut the clip to this length")
-    d.add_argument("--batch", type=int, default=1)
-    d.add_argument("--runs", type=int, default=3, help="timed runs after the first call")
-    from granite_jax import encode_cli
-
-    e = sub.add_parser("encode", help="encode audio files: hidden states, projector embeddings or CTC text")
-    encode_cli.build_parser(e)
-    from granite_jax import train_cli, transcribe_cli
-
-    t = sub.add_parser("transcribe", help="greedy CTC text of audio files, with word and token times")
-    transcribe_cli.build_parser(t)
-
-    f = sub.add_parser("finetune", help="fine-tune (or train) the encoder with optax on a NeMo manifest")
-    train_cli.build_finetune_parser(f)
-    x = sub.add_parser("export", help="write a granite_jax checkpoint back as a Hugging Face directory")
-    train_cli.build_export_parser(x)
-    c = sub.add_parser("convert", help="same as granite-jax-convert", add_help=False)
-    c.add_argument("args", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
-    if args.command == "convert":
-        from granite_jax.convert.cli import main as convert_main
-
-        return convert_main(args.args)
-    if args.command == "encode":
-        return encode_cli.execute(args)
-    if args.command == "transcribe":
-        return transcribe_cli.execute(args)
-    if args.command == "finetune":
-        return run_command("granite-jax finetune", lambda: train_cli.run_finetune(args))
-    if args.command == "export":
-        return run_command("granite-jax export", lambda: train_cli.run_export(args))
-    if args.layers < 1 or (args.seconds is not None and not args.seconds > 0) or args.runs < 1 or args.batch < 1:
-        p.error("--layers, --seconds, --runs and --batch must be positive")
-    run = demo5 if args.model == "speech5" else demo
-    return run_command("granite-jax demo", lambda: run(args.layers, args.clip, args.seconds, args.runs, args.batch))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

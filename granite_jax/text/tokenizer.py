@@ -96,7 +96,7 @@ class CTCTokenizer:
 
     def decode_frames(self, ids: Sequence[int]) -> str:
         """One utterance's per-frame best ids -> text: `ParakeetTokenizer.decode(ids, skip_special_tokens=True)`."""
-        from granite_jax.ctc import collapse
+        from granite_jax.text.ctc import collapse
 
         return self.decode_tokens(collapse(ids, self.blank_id))
 

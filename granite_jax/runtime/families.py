@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from granite_jax import speech5, tiling
-from granite_jax.config import FeatureConfig, Speech5FeatureConfig
-from granite_jax.ctc import Transcript, align
-from granite_jax.features import log_mel, min_samples, num_encoder_frames, speech5_features, speech5_frames
-from granite_jax.modeling import EncoderOutput, masked
-from granite_jax.tokenizer import CTCTokenizer
+from granite_jax.frontend.config import FeatureConfig, Speech5FeatureConfig
+from granite_jax.frontend.features import log_mel, min_samples, num_encoder_frames, speech5_features, speech5_frames
+from granite_jax.models import speech5
+from granite_jax.models.conformer import EncoderOutput, masked
+from granite_jax.runtime import tiling
+from granite_jax.text.ctc import Transcript, align
+from granite_jax.text.tokenizer import CTCTokenizer
 
 
 class Granite4:
@@ -102,6 +103,14 @@ class Granite4:
 
     def states_spec(self, spec):
         return jax.sharding.PartitionSpec(None, *spec)  # (layers + 1, batch, ...)
+
+    def cut_states(self, states, b: int, t: int, squeeze: bool = False):
+        """Per-layer states (layers + 1, B', T', d) cut back from the bucket and the padded batch."""
+        return states[:, 0, :t] if squeeze else states[:, :b, :t]
+
+    def describe(self) -> str:
+        c = self.config
+        return f"{c.num_layers} layers x {c.hidden_dim}, {c.num_heads} heads x {c.dim_head}, context {c.context_size}"
 
 
 class Granite5:
@@ -196,6 +205,36 @@ class Granite5:
 
     def states_spec(self, spec):
         return tuple([spec] * (self.config.num_hidden_layers + 1))  # a tuple of (batch, frames_i, d)
+
+    def cut_states(self, states, b: int, t: int, squeeze: bool = False):
+        """Per-layer states cut back from the bucket and the padded batch: the input projection at T, then
+        each block at its own resolution."""
+        lengths, n = [t], t
+        for i in range(self.config.num_hidden_layers):
+            n = n // 2 if i in self.config.subsample_layers else n
+            lengths.append(n)
+        return tuple(s[0, :m] if squeeze else s[:b, :m] for s, m in zip(states, lengths, strict=True))
+
+    def describe(self) -> str:
+        c = self.config
+        return (
+            f"Granite Speech 5: {c.num_hidden_layers} layers x {c.hidden_size}, {c.num_attention_heads} heads x "
+            f"{c.head_dim}, context {c.context_size}, subsampling x{c.subsampling}, vocabulary {c.vocab_size}"
+        )
+
+
+def family_of(model, projector, feature_config, tokenizer: CTCTokenizer | None) -> Granite4 | Granite5:
+    """The family of an encoder module, with its front end's settings (the defaults when None)."""
+    from granite_jax.models.speech5 import GraniteSpeech5Encoder
+
+    if isinstance(model, GraniteSpeech5Encoder):
+        if projector is not None:
+            raise ValueError("Granite Speech 5 has no projector")
+        if tokenizer is not None:
+            tokenizer.check_vocab(model.config.vocab_size, model.config.pad_token_id)
+        fc = feature_config or Speech5FeatureConfig(num_mel_bins=model.config.num_mel_bins)
+        return Granite5(fc, model.config, tokenizer)
+    return Granite4(feature_config or FeatureConfig(), model.config)
 
 
 def greedy_ids(logits: jax.Array) -> np.ndarray:

@@ -7,6 +7,7 @@ batch is padded to a multiple of the device count with dummy rows, which the cal
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -88,3 +89,25 @@ class RowMesh:
         if len(self.devices) == 1:
             return fn
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+    def jit(
+        self,
+        fn: Callable,
+        in_specs: tuple,
+        out_specs: Any = ROWS,
+        *,
+        static: tuple[str, ...] = (),
+        donate: tuple[int, ...] = (),
+        out_shardings: Any = None,
+        on_trace: Callable[[], None] | None = None,
+    ) -> Callable:
+        """`jax.jit` of `fn(*arrays, **static)` run by each device on its own rows (`per_device`): the one way
+        a batch meets the mesh. `static`: the keyword arguments that are compile-time constants; `donate`:
+        positions of arrays whose buffers the call may reuse; `on_trace`: called once per trace."""
+
+        def run(*arrays, **kwargs):
+            if on_trace is not None:
+                on_trace()
+            return self.per_device(functools.partial(fn, **kwargs), in_specs, out_specs)(*arrays)
+
+        return jax.jit(run, static_argnames=static, donate_argnums=donate, out_shardings=out_shardings)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from granite_jax.cliutil import run_command
+from granite_jax.cli.common import run_command
 
 
 def build_finetune_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -110,7 +110,7 @@ def build_export_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> int:
     import granite_jax
-    from granite_jax.export import export_hf
+    from granite_jax.checkpoint.export import export_hf
 
     model = granite_jax.load(args.checkpoint)
     dst = export_hf(model, args.dst, base=args.base, dtype=args.dtype, overwrite=args.overwrite)

@@ -25,18 +25,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from granite_jax import atomic
-from granite_jax.config import (
-    ConfigError,
-    EncoderConfig,
-    FeatureConfig,
-    ProjectorConfig,
-    Speech5Config,
-    Speech5FeatureConfig,
-    is_speech5,
-    read_hf_config,
-)
-from granite_jax.safetensors_file import SafetensorsFile
+from granite_jax.checkpoint import atomic
+from granite_jax.checkpoint.safetensors_file import SafetensorsFile
+from granite_jax.frontend.config import FeatureConfig, Speech5FeatureConfig
+from granite_jax.hf_config import ConfigError, is_speech5, read_hf_config
+from granite_jax.models.conformer_config import EncoderConfig
+from granite_jax.models.projector_config import ProjectorConfig
+from granite_jax.models.speech5_config import Speech5Config
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

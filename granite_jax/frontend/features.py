@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from granite_jax.buckets import ladder_frames, pad_rows, samples_for_frames
-from granite_jax.config import FeatureConfig, Speech5FeatureConfig
-from granite_jax.inputs import check_float_samples, waveform_rows
+from granite_jax.frontend.config import FeatureConfig, Speech5FeatureConfig
+from granite_jax.runtime.buckets import ladder_frames, pad_rows, samples_for_frames
+from granite_jax.runtime.inputs import check_float_samples, waveform_rows
 
 BatchMode = Literal["per_utterance", "hf"]
 _BATCH_MODES = ("per_utterance", "hf")
@@ -247,7 +247,7 @@ def prepare_waveforms(
                 f"{max_amplitude(cfg):.3g} the log-mel power overflows float32"
             )
         if sampling_rate != cfg.sampling_rate:
-            from granite_jax.audio import resample
+            from granite_jax.frontend.audio import resample
 
             w = resample(w, sampling_rate, cfg.sampling_rate)
             check_num_samples(w.shape[0], cfg, f"{name} (resampled from {sampling_rate} Hz)", minimum)

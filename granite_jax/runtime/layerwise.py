@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from granite_jax.modeling import GraniteSpeechEncoder
+from granite_jax.models.conformer import GraniteSpeechEncoder
 
 
 def stacks_of(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:

@@ -29,9 +29,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
-from granite_jax.config import ProjectorConfig
-from granite_jax.layers import activation, dense, layer_norm
-from granite_jax.nnx_params import abstract_variables, module_from_params, variables_of
+from granite_jax.checkpoint.params import abstract_variables, module_from_params, variables_of
+from granite_jax.models.layers import activation, dense, layer_norm
+from granite_jax.models.projector_config import ProjectorConfig
 
 
 def _layer_norm(rngs: nnx.Rngs, pcfg: ProjectorConfig, **kw) -> nnx.LayerNorm:

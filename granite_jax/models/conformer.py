@@ -24,15 +24,10 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from granite_jax.config import EncoderConfig
-from granite_jax.layers import BatchNorm1d, Dropout, accumulator, dense, layer_norm, split_key
-from granite_jax.nnx_params import (
-    abstract_variables,
-    module_from_params,
-    scan_stacked,
-    stacked_modules,
-    variables_of,
-)
+from granite_jax.checkpoint.params import abstract_variables, module_from_params, variables_of
+from granite_jax.models.conformer_config import EncoderConfig
+from granite_jax.models.layers import BatchNorm1d, Dropout, accumulator, dense, layer_norm, split_key
+from granite_jax.models.stacking import scan_stacked, stacked_modules
 
 
 def masked(x: Float[Array, "b t d"], valid: Bool[Array, "b t"]) -> Float[Array, "b t d"]:

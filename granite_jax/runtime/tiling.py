@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from granite_jax.modeling import PLAIN, ConformerBlock, EncoderOutput, GraniteSpeechEncoder, PerFrame, Strategy
+from granite_jax.models.conformer import PLAIN, ConformerBlock, EncoderOutput, GraniteSpeechEncoder, PerFrame, Strategy
 
 
 class TilePlan(NamedTuple):

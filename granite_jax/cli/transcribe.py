@@ -14,9 +14,9 @@ import os
 import sys
 import time
 
-from granite_jax import atomic
-from granite_jax.cliutil import run_command
-from granite_jax.encode_cli import _batches, _duration, check_output, find_audio
+from granite_jax.checkpoint import atomic
+from granite_jax.cli.common import run_command
+from granite_jax.cli.encode import _batches, _duration, check_output, find_audio
 
 SUFFIXES = (".jsonl", ".txt", ".srt", ".vtt")
 CUE_WORDS = 7  # words per subtitle cue, at most
@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     import granite_jax
-    from granite_jax.audio import load_audio
-    from granite_jax.features import prepare_waveforms
+    from granite_jax.frontend.audio import load_audio
+    from granite_jax.frontend.features import prepare_waveforms
 
     out = args.out
     if out is not None:

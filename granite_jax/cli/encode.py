@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from granite_jax import atomic
-from granite_jax.cliutil import run_command
+from granite_jax.checkpoint import atomic
+from granite_jax.cli.common import run_command
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")
 LEVELS = ("hidden", "embeddings", "text")
@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     import granite_jax
-    from granite_jax.audio import load_audio
-    from granite_jax.features import prepare_waveforms
+    from granite_jax.frontend.audio import load_audio
+    from granite_jax.frontend.features import prepare_waveforms
 
     out = args.out
     check_output(out, args.overwrite, (".safetensors", ".npz"))

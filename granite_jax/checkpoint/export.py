@@ -18,15 +18,18 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from granite_jax import atomic, speech5
-from granite_jax.config import ConfigError, Speech5Config, Speech5FeatureConfig, is_speech5, read_hf_config
+from granite_jax.checkpoint import atomic
+from granite_jax.checkpoint.safetensors_file import SafetensorsFile
 from granite_jax.convert.key_map import ENCODER_KEYS, PROJECTOR_KEYS, SPEECH5_KEYS, ConversionError, flax_to_hf
 from granite_jax.convert.sources import ENCODER_PREFIXES, projector_prefix_for
-from granite_jax.modeling import GraniteSpeechEncoder, params_of
-from granite_jax.projector import GraniteSpeechProjector, projector_params_of
-from granite_jax.safetensors_file import SafetensorsFile
-from granite_jax.speech5 import GraniteSpeech5Encoder
-from granite_jax.tokenizer import TOKENIZER_FILES
+from granite_jax.frontend.config import Speech5FeatureConfig
+from granite_jax.hf_config import ConfigError, is_speech5, read_hf_config
+from granite_jax.models import speech5
+from granite_jax.models.conformer import GraniteSpeechEncoder, params_of
+from granite_jax.models.projector import GraniteSpeechProjector, projector_params_of
+from granite_jax.models.speech5 import GraniteSpeech5Encoder
+from granite_jax.models.speech5_config import Speech5Config
+from granite_jax.text.tokenizer import TOKENIZER_FILES
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
@@ -144,8 +147,8 @@ def _export_with_base(
 ) -> str:
     from safetensors.numpy import save_file
 
-    from granite_jax.config import EncoderConfig
     from granite_jax.convert.sources import _weight_map
+    from granite_jax.models.conformer_config import EncoderConfig
 
     try:
         config = read_hf_config(base)

@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from granite_jax.atomic import Terminated, terminate_cleanly
+from granite_jax.checkpoint.atomic import Terminated, terminate_cleanly
 
 # A user mistake (bad path, file, argument or input): one line on stderr, exit status 1. Set
 # GRANITE_JAX_DEBUG=1 for the traceback.
