@@ -141,6 +141,27 @@ SPEECH5_KEY_TABLE: tuple[tuple[str, str, Transform], ...] = (
 )
 
 
+# The language model (`GraniteForCausalLM`): keys relative to the language model, `model.*` and `lm_head.weight`
+# (absent when tied). Linear weights -> kernels (transposed), the embedding table as it is, RMSNorm weights
+# keep their name.
+_LM_GROUPS = {
+    "i": r"\d+",
+    "attn": r"q_proj|k_proj|v_proj|o_proj",
+    "mlp": r"gate_proj|up_proj|down_proj",
+    "rms": r"input_layernorm|post_attention_layernorm",
+}
+LM_KEY_TABLE: tuple[tuple[str, str, Transform], ...] = (
+    ("model.embed_tokens.weight", "model.embed_tokens.embedding", IDENTITY),
+    ("model.norm.weight", "model.norm.weight", IDENTITY),
+    ("lm_head.weight", "lm_head.kernel", LINEAR),
+    ("model.layers.{i}.self_attn.{attn}.weight", "model.layers.{i}.self_attn.{attn}.kernel", LINEAR),
+    ("model.layers.{i}.self_attn.{attn}.bias", "model.layers.{i}.self_attn.{attn}.bias", IDENTITY),
+    ("model.layers.{i}.mlp.{mlp}.weight", "model.layers.{i}.mlp.{mlp}.kernel", LINEAR),
+    ("model.layers.{i}.mlp.{mlp}.bias", "model.layers.{i}.mlp.{mlp}.bias", IDENTITY),
+    ("model.layers.{i}.{rms}.weight", "model.layers.{i}.{rms}.weight", IDENTITY),
+)
+
+
 def _compile(template: str, groups: Mapping[str, str]) -> re.Pattern:
     parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
     return re.compile("".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{groups[p]})" for k, p in enumerate(parts)))
@@ -181,6 +202,7 @@ class KeyTable:
 ENCODER_KEYS = KeyTable("encoder", KEY_TABLE, _GROUPS)
 PROJECTOR_KEYS = KeyTable("projector", PROJECTOR_KEY_TABLE, _PROJECTOR_GROUPS)
 SPEECH5_KEYS = KeyTable("Granite Speech 5 encoder", SPEECH5_KEY_TABLE, _SPEECH5_GROUPS)
+LM_KEYS = KeyTable("language model", LM_KEY_TABLE, _LM_GROUPS)
 
 
 def map_key(source_key: str) -> tuple[str, Transform] | None:
@@ -192,22 +214,13 @@ def _shape_str(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
-def hf_to_flax(
-    source_keys: Iterable[str],
-    read: Callable[[str], np.ndarray],
-    expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-    *,
-    table: KeyTable = ENCODER_KEYS,
-    on_tensor: Callable[[str], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """Map HF tensors of one module (the encoder, or the projector with `table=PROJECTOR_KEYS`) onto NNX paths.
-
-    `source_keys` are relative to the module; `read(key)` loads one tensor (lazily: only mapped keys
-    are read); `expected` is {nnx path: (shape, dtype)} of the model to fill. The result is cast to
-    the expected dtypes. Raises `ConversionError` listing unmapped, duplicate, missing and mis-shaped keys.
-    """
+def plan(
+    source_keys: Iterable[str], expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], table: KeyTable
+) -> dict[str, tuple[str, Transform]]:
+    """{NNX path: (HF key, transform)} covering `expected` exactly once; raises `ConversionError` listing
+    unmapped, duplicate, unexpected and missing keys."""
     what = table.name
-    plan: dict[str, tuple[str, Transform]] = {}
+    out: dict[str, tuple[str, Transform]] = {}
     unmapped, unexpected, duplicates = [], [], []
     for key in sorted(source_keys):
         hit = table.map_key(key)
@@ -217,11 +230,11 @@ def hf_to_flax(
         target, transform = hit
         if target not in expected:
             unexpected.append(f"{key} (-> {target})")
-        elif target in plan:
-            duplicates.append(f"{key} and {plan[target][0]} both map to {target}")
+        elif target in out:
+            duplicates.append(f"{key} and {out[target][0]} both map to {target}")
         else:
-            plan[target] = (key, transform)
-    missing = sorted(set(expected) - set(plan))
+            out[target] = (key, transform)
+    missing = sorted(set(expected) - set(out))
     problems = []
     if unmapped:
         problems.append(f"{what} tensors with no mapping: " + ", ".join(unmapped))
@@ -233,23 +246,96 @@ def hf_to_flax(
         problems.append("parameters not filled by the checkpoint: " + ", ".join(missing))
     if problems:
         raise ConversionError(f"checkpoint does not match the {what} config:\n  " + "\n  ".join(problems))
+    return out
 
+
+def _mismatch(key: str, raw_shape, transform: Transform, target: str, shape) -> str:
+    want = transform.inverse(np.empty(shape, np.int8)).shape
+    return (
+        f"{key}: checkpoint shape {_shape_str(raw_shape)}, config expects {_shape_str(want)} "
+        f"(NNX {target} {_shape_str(shape)})"
+    )
+
+
+def _converted(key: str, raw: np.ndarray, transform: Transform, dtype: np.dtype) -> tuple[np.ndarray, bool]:
+    """(the tensor in the NNX layout and dtype, whether it is finite)."""
+    value = np.require(transform.forward(raw), requirements="C").astype(dtype, copy=False)
+    finite = not (value.dtype.kind == "f" or value.dtype.name == "bfloat16") or bool(np.isfinite(value).all())
+    return value, finite
+
+
+class LazyConversion(Mapping):
+    """{NNX path: array} over an HF module's tensors, each read, transformed and checked when asked for (the
+    language model: converted and written one tensor at a time). Shapes are checked up front where the
+    source's header gives them; a non-finite tensor raises `ConversionError` naming it when read."""
+
+    def __init__(self, planned, read, expected, what: str):
+        self._plan, self._read, self._expected, self._what = planned, read, expected, what
+
+    def __getitem__(self, target: str) -> np.ndarray:
+        key, transform = self._plan[target]
+        shape, dtype = self._expected[target]
+        raw = self._read(key)
+        value, finite = _converted(key, raw, transform, dtype)
+        if tuple(value.shape) != tuple(shape):
+            problem = _mismatch(key, raw.shape, transform, target, shape)
+            raise ConversionError(f"{self._what} shape mismatch: {problem}")
+        if not finite:
+            raise ConversionError(f"{self._what} tensor {key} holds NaN or infinite values (as stored)")
+        return value
+
+    def __iter__(self):
+        return iter(self._plan)
+
+    def dtype_of(self, target: str) -> np.dtype:
+        return np.dtype(self._expected[target][1])
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+
+def hf_to_flax(
+    source_keys: Iterable[str],
+    read: Callable[[str], np.ndarray],
+    expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    *,
+    table: KeyTable = ENCODER_KEYS,
+    on_tensor: Callable[[str], None] | None = None,
+    lazy: bool = False,
+    shape_of: Callable[[str], tuple[int, ...] | None] | None = None,
+) -> Mapping[str, np.ndarray]:
+    """Map HF tensors of one module (the encoder, or the projector with `table=PROJECTOR_KEYS`) onto NNX paths.
+
+    `source_keys` are relative to the module; `read(key)` loads one tensor (lazily: only mapped keys
+    are read); `expected` is {nnx path: (shape, dtype)} of the model to fill. The result is cast to
+    the expected dtypes. Raises `ConversionError` listing unmapped, duplicate, missing and mis-shaped keys.
+    `lazy`: a `LazyConversion` instead (nothing read here; `shape_of(key)`, when given, checks the shapes
+    up front from the source's header).
+    """
+    what = table.name
+    planned = plan(source_keys, expected, table)
+    if lazy:
+        mismatched = []
+        for target, (key, transform) in planned.items():
+            raw_shape = shape_of(key) if shape_of is not None else None
+            if raw_shape is not None:
+                got = transform.forward(np.empty(raw_shape, np.int8)).shape
+                if tuple(got) != tuple(expected[target][0]):
+                    mismatched.append(_mismatch(key, raw_shape, transform, target, expected[target][0]))
+        if mismatched:
+            raise ConversionError(f"{what} shape mismatch:\n  " + "\n  ".join(mismatched))
+        return LazyConversion(planned, read, expected, what)
     out: dict[str, np.ndarray] = {}
     mismatched, non_finite = [], []
-    for target in sorted(plan):
-        key, transform = plan[target]
+    for target in sorted(planned):
+        key, transform = planned[target]
         raw = read(key)
-        value = transform.forward(raw)
         shape, dtype = expected[target]
+        value, finite = _converted(key, raw, transform, dtype)
         if tuple(value.shape) != tuple(shape):
-            want = transform.inverse(np.empty(shape, np.int8)).shape
-            mismatched.append(
-                f"{key}: checkpoint shape {_shape_str(raw.shape)}, config expects {_shape_str(want)} "
-                f"(NNX {target} {_shape_str(shape)})"
-            )
+            mismatched.append(_mismatch(key, raw.shape, transform, target, shape))
             continue
-        value = np.require(value, requirements="C").astype(dtype, copy=False)
-        if (value.dtype.kind == "f" or value.dtype.name == "bfloat16") and not np.isfinite(value).all():
+        if not finite:
             # NaN / inf in the source, or values beyond the stored dtype's range
             non_finite.append(f"{key} ({int((~np.isfinite(value)).sum())} of {value.size} values)")
         out[target] = value

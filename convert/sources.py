@@ -1,8 +1,8 @@
 """Lazy readers for HF checkpoints: local directories (safetensors, sharded or not; pytorch_model.bin
 through torch when installed) and hub ids (only the needed files are downloaded).
 
-Only the encoder's tensors (and the projector's, when the config has one) are ever read, and only the
-shards that hold them are opened; `language_model.*` is never touched.
+Only the tensors a conversion asks for are read (the encoder's, the projector's, the language model's), and
+only the shards that hold them are opened; an encoder-only conversion never touches `language_model.*`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,18 @@ ENCODER_PREFIXES = ("model.encoder.", "encoder.")
 FEATURE_CONFIG_FILE = "preprocessor_config.json"
 SPEECH5_HEAD = "ctc_head."  # GraniteSpeech5ForCTC's head, beside `encoder.` (absent when tied to encoder.out)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files a whole 4.x conversion carries along: prompts and decoding, the 3.x LoRA adapter, 4.1's BPE CTC head.
+LM_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "out_llm.safetensors",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -51,6 +63,7 @@ class HFCheckpoint:
     directory: str = ""
     extra_keys: list[str] = field(default_factory=list)  # full keys read beside the encoder (ctc_head.*)
     files: dict[str, str] = field(default_factory=dict)  # files copied into the conversion (the tokenizer)
+    lm_map: dict[str, str] = field(default_factory=dict)  # language model key (GraniteForCausalLM's) -> full key
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
     _torch_state: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -88,6 +101,38 @@ class HFCheckpoint:
         projector = {self.weight_map[self.projector_prefix + k] for k in self.projector_keys}
         extra = {self.weight_map[k] for k in self.extra_keys}
         return sorted(set(self.encoder_files) | projector | extra)
+
+    @property
+    def lm_keys(self) -> list[str]:
+        """The language model's tensor names as `GraniteForCausalLM` names them (`model.*`, `lm_head.weight`)."""
+        return sorted(self.lm_map)
+
+    def read_lm(self, key: str) -> np.ndarray:
+        return self._read_full(self.lm_map[key])
+
+    def lm_shape(self, key: str) -> tuple[int, ...] | None:
+        """A language model tensor's shape from its file's header (None for .bin shards: read to know)."""
+        path = self.weight_map[self.lm_map[key]]
+        if not path.endswith(".safetensors"):
+            return None
+        if path not in self._handles:
+            try:
+                self._handles[path] = SafetensorsFile(path)
+            except ValueError as e:
+                raise ConversionError(str(e)) from None
+        return self._handles[path].shape(self.lm_map[key])
+
+    def lm_dtype(self, key: str) -> str | None:
+        """A language model tensor's stored dtype: its safetensors code (F32, BF16, ...), or numpy's name."""
+        path = self.weight_map[self.lm_map[key]]
+        if path.endswith(".safetensors"):
+            self.lm_shape(key)  # opens the file
+            return self._handles[path].dtype(self.lm_map[key])
+        return str(self.read_lm(key).dtype)
+
+    @property
+    def lm_files(self) -> list[str]:
+        return sorted({self.weight_map[k] for k in self.lm_map.values()})
 
     def read_full(self, key: str) -> np.ndarray:
         """A tensor by its full name (one of `extra_keys`)."""
@@ -220,14 +265,17 @@ def _find_prefix(weight_map: dict[str, str], source: str) -> str:
     )
 
 
-def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint:
-    """Open a local HF checkpoint directory or a hub id (downloading only config and encoder shards)."""
+def open_hf_checkpoint(src: str, *, revision: str | None = None, language_model: bool = False) -> HFCheckpoint:
+    """Open a local HF checkpoint directory or a hub id (downloading only config and the shards it reads).
+
+    `language_model`: also the language model of a whole 4.x checkpoint (`lm_map`) and the files that go with
+    it (tokenizer, chat template, generation config, LoRA adapter, `out_llm.safetensors`)."""
     if os.path.isdir(src):
         directory = src
     elif os.path.exists(src):
         raise ConversionError(f"{src} is a file; pass the checkpoint directory that holds config.json")
     elif _HUB_ID.match(src):
-        directory = _download_from_hub(src, revision=revision)
+        directory = _download_from_hub(src, revision=revision, language_model=language_model)
     else:
         raise ConversionError(f"{src} is neither a local directory nor a Hugging Face hub id (org/name)")
     config_path = os.path.join(directory, "config.json")
@@ -245,6 +293,10 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
     files = {}
     if speech5:
         files = {n: os.path.join(directory, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, n))}
+    lm_map: dict[str, str] = {}
+    if language_model and has_projector(config) and not speech5:
+        lm_map = _lm_map(weight_map, src)
+        files = {n: os.path.join(directory, n) for n in LM_FILES if os.path.isfile(os.path.join(directory, n))}
     ckpt = HFCheckpoint(
         source=src,
         config=config,
@@ -255,20 +307,42 @@ def open_hf_checkpoint(src: str, *, revision: str | None = None) -> HFCheckpoint
         directory=directory,
         extra_keys=extra,
         files=files,
+        lm_map=lm_map,
     )
     # Only the shards holding encoder (and projector) tensors must be present (a hub download fetches just those).
-    missing = [os.path.basename(f) for f in ckpt.needed_files if not os.path.exists(f)]
+    missing = [os.path.basename(f) for f in ckpt.needed_files + ckpt.lm_files if not os.path.exists(f)]
     if missing:
-        raise ConversionError(
-            f"{directory}: the index names encoder or projector shards that are not there: {', '.join(missing)}"
-        )
+        raise ConversionError(f"{directory}: the index names shards that are not there: {', '.join(missing)}")
     return ckpt
 
 
-def _wanted_prefixes(config: dict, prefix: str) -> tuple[str, ...]:
-    """The key prefixes a conversion reads: the encoder's, and the projector's or the CTC head's."""
+def _lm_map(weight_map: dict[str, str], source: str) -> dict[str, str]:
+    """{GraniteForCausalLM key: full key} of a whole checkpoint's language model, in either layout:
+    `language_model.model.*` + `language_model.lm_head.weight` (published), or `model.language_model.*` +
+    `lm_head.weight` (transformers 5's module tree)."""
+    out = {}
+    for key in weight_map:
+        if key.startswith("language_model."):
+            out[key[len("language_model.") :]] = key
+        elif key.startswith("model.language_model."):
+            out["model." + key[len("model.language_model.") :]] = key
+        elif key == "lm_head.weight":
+            out[key] = key
+    if not any(k.startswith("model.") for k in out):
+        raise ConversionError(
+            f"{source}: its config describes a whole model, but it holds no language model tensors "
+            "('language_model.model.*' or 'model.language_model.*'); convert with --encoder-only for the encoder "
+            "and projector alone"
+        )
+    return out
+
+
+def _wanted_prefixes(config: dict, prefix: str, language_model: bool = False) -> tuple[str, ...]:
+    """The key prefixes a conversion reads: the encoder's, and the projector's or the CTC head's (and the
+    language model's)."""
     if has_projector(config):
-        return (prefix, projector_prefix_for(prefix))
+        lm = ("language_model.", "model.language_model.", "lm_head.") if language_model else ()
+        return (prefix, projector_prefix_for(prefix), *lm)
     return (prefix, SPEECH5_HEAD) if is_speech5(config) else (prefix,)
 
 
@@ -291,7 +365,7 @@ def _hub_reachable(timeout: float = 3.0) -> str | None:
         return f"cannot reach {url.hostname}: {e.strerror or e}"
 
 
-def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
+def _download_from_hub(repo_id: str, *, revision: str | None, language_model: bool = False) -> str:
     """Fetch config.json, preprocessor_config.json (when the repo has one) and only the weight files holding
     encoder (and projector) tensors; return the snapshot dir. Served from the local cache when it holds them
     all; otherwise the hub is asked once whether it can be reached, so that offline fails at once."""
@@ -306,7 +380,7 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
             return hf_hub_download(repo_id, name, revision=revision, local_files_only=local_only)
 
         config_path = get("config.json")
-        optional = (FEATURE_CONFIG_FILE,) + (TOKENIZER_FILES if is_speech5(_read_json(config_path)) else ())
+        optional = (FEATURE_CONFIG_FILE,) + _files_for(_read_json(config_path), language_model)
         for name in optional:  # the defaults (or no tokenizer) without them
             with contextlib.suppress(EntryNotFoundError):
                 get(name)
@@ -317,13 +391,13 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
         else:
             weight_map = _read_index(index_path)
             prefix = _find_prefix(weight_map, repo_id)
-            wanted = _wanted_prefixes(_read_json(config_path), prefix)
+            wanted = _wanted_prefixes(_read_json(config_path), prefix, language_model)
             for shard in sorted({v for k, v in weight_map.items() if k.startswith(wanted)}):
                 get(shard)
         return os.path.dirname(config_path)
 
     try:
-        if _cache_has_all(repo_id, revision):
+        if _cache_has_all(repo_id, revision, language_model):
             return fetch(local_only=True)
         why = _hub_reachable()
         if why is not None:
@@ -339,7 +413,13 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> str:
         ) from None
 
 
-def _cache_has_all(repo_id: str, revision: str | None) -> bool:
+def _files_for(config: dict, language_model: bool) -> tuple[str, ...]:
+    if is_speech5(config):
+        return TOKENIZER_FILES
+    return LM_FILES if language_model and has_projector(config) else ()
+
+
+def _cache_has_all(repo_id: str, revision: str | None, language_model: bool = False) -> bool:
     """Whether the local hub cache holds (or knows the absence of) every file a conversion reads."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -351,7 +431,7 @@ def _cache_has_all(repo_id: str, revision: str | None) -> bool:
     if not config or features is None or index is None:
         return False
     try:
-        if is_speech5(_read_json(config)) and any(known(n) is None for n in TOKENIZER_FILES):
+        if any(known(n) is None for n in _files_for(_read_json(config), language_model)):
             return False
     except ConversionError:
         return False
@@ -360,7 +440,7 @@ def _cache_has_all(repo_id: str, revision: str | None) -> bool:
     try:
         weight_map = _read_index(index)
         prefix = _find_prefix(weight_map, repo_id)
-        wanted = _wanted_prefixes(_read_json(config), prefix)
+        wanted = _wanted_prefixes(_read_json(config), prefix, language_model)
     except ConversionError:
         return False
     return all(isinstance(known(v), str) for v in {v for k, v in weight_map.items() if k.startswith(wanted)})

@@ -97,8 +97,12 @@ def test_only_encoder_and_projector_shards_are_opened(tmp_path, monkeypatch):
         real(self, path)
 
     monkeypatch.setattr(SafetensorsFile, "__init__", spy)
-    convert_hf(os.fspath(tmp_path / "hf"))
+    convert_hf(os.fspath(tmp_path / "hf"), language_model=False)
     assert set(opened) == enc
+    opened.clear()
+    conv = convert_hf(os.fspath(tmp_path / "hf"))  # the language model too (its shards opened lazily)
+    dict(conv.language_params)
+    assert set(opened) == set(index["weight_map"].values())
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -252,7 +256,9 @@ def test_hub_download_fetches_only_what_the_encoder_needs(tmp_path, monkeypatch)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(sources, "_hub_reachable", lambda: None)
-    config, params, prov, projector_config, projector_params, features, _ = convert_hf("org/model")
+    config, params, prov, projector_config, projector_params, features, *_ = convert_hf(
+        "org/model", language_model=False
+    )
     index = json.loads((tmp_path / "remote" / "model.safetensors.index.json").read_text())
     shards = {v for k, v in index["weight_map"].items() if k.startswith(("encoder.", "projector."))}
     projector_only = shards - {v for k, v in index["weight_map"].items() if k.startswith("encoder.")}
@@ -266,6 +272,18 @@ def test_hub_download_fetches_only_what_the_encoder_needs(tmp_path, monkeypatch)
     x = np.random.default_rng(8).standard_normal((1, 9, CFG.input_dim)).astype(np.float32)
     model = granite_jax.Runner(granite_jax.models.conformer.encoder_from_params(config, params))
     assert rel_err(model.encode_features(x), torch_encode(ref, x)) < 1e-4
+    # by default a whole checkpoint's language model comes too: its shards, and the files that go with it
+    requested.clear()
+    conv = convert_hf("org/model")
+    lm = {v for k, v in index["weight_map"].items() if k.startswith("language_model.")}
+    assert lm - shards, "the test needs a shard holding only language model tensors"
+    assert set(requested) >= lm | shards and "generation_config.json" in requested and "tokenizer.json" in requested
+    assert set(requested) - lm - shards <= {
+        "config.json",
+        "preprocessor_config.json",
+        "model.safetensors.index.json",
+    } | set(sources.LM_FILES)
+    assert conv.language_config is not None and len(conv.language_params) > 0
 
 
 def test_hub_unreachable_fails_at_once(tmp_path, monkeypatch):

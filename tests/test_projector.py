@@ -495,7 +495,7 @@ def test_projector_width_must_match_the_encoder(full_dir, tmp_path):
 # -- the checkpoint directory --------------------------------------------------------------------------------
 @pytest.mark.torch
 def test_checkpoint_keeps_the_projector(full_dir, tmp_path):
-    convert_cli(full_dir, tmp_path / "gj")
+    convert_cli(full_dir, tmp_path / "gj", "--encoder-only")
     assert sorted(os.listdir(tmp_path / "gj")) == [
         "config.json",
         "granite_jax.json",
@@ -503,6 +503,10 @@ def test_checkpoint_keeps_the_projector(full_dir, tmp_path):
         "preprocessor_config.json",
         "projector_config.json",
     ]
+    convert_cli(full_dir, tmp_path / "whole")  # by default the language model and its files come too
+    assert {"language_config.json", "language_model.safetensors", "generation_config.json"} <= set(
+        os.listdir(tmp_path / "whole")
+    )
     conv = convert_hf(os.fspath(full_dir))
     stored = load_file(tmp_path / "gj" / "params.safetensors")
     assert sorted(stored) == sorted(list(conv.params) + ["projector." + k for k in conv.projector_params])

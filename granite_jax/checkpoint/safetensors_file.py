@@ -159,3 +159,44 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         raise ValueError(f"duplicate entries {dupes}")
     return dict(pairs)
+
+
+_CODES = {v: k for k, v in _NUMPY.items()}
+
+
+def write_streamed(
+    path: str | os.PathLike,
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+    read,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file one tensor at a time: the header from `specs` ({name: (shape, dtype)}), then
+    each `read(name)` in turn, so that only one tensor is held at once (the official writer takes them all).
+
+    Names are written in sorted order, as the official library writes them; a tensor whose shape or dtype is
+    not its spec's is refused (the caller's file is then incomplete: write into an atomic folder).
+    """
+    names = sorted(specs)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    at = 0
+    for name in names:
+        shape, dtype = specs[name]
+        dtype = np.dtype(dtype)
+        if dtype not in _CODES:
+            raise SafetensorsError(f"{name}: dtype {dtype} cannot be written")
+        size = dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": _CODES[dtype], "shape": [int(s) for s in shape], "data_offsets": [at, at + size]}
+        at += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data buffer starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in names:
+            shape, dtype = specs[name]
+            value = np.asarray(read(name))
+            if value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
+                raise SafetensorsError(
+                    f"{name}: got {value.dtype}{list(value.shape)}, the header says {np.dtype(dtype)}{list(shape)}"
+                )
+            f.write(np.require(value, requirements="C").tobytes())
+            del value

@@ -8,10 +8,16 @@ and provenance. No pickle. Written atomically: a failed write leaves nothing beh
                                 projector_config, window_size, downsample_rate, text_config.hidden_size)
     DST/preprocessor_config.json  the feature extractor's settings, as HF's `GraniteSpeechFeatureExtractor`
                                 writes them (the source's, or the defaults when it had none)
+    DST/language_config.json    only with a language model: LanguageConfig.to_hf_dict() (the full HF config's
+                                text_config, audio_token_index, has_lora_adapter)
+    DST/language_model.safetensors  its NNX variables (model.layers.0.self_attn.q_proj.kernel, ...), written
+                                one tensor at a time
+    DST/tokenizer.json, chat_template.jinja, generation_config.json, adapter_*.json|safetensors, ...
+                                carried over from the source as they are (see `convert.sources.LM_FILES`)
     DST/granite_jax.json        format version, source, dtype, converter version, time
 
-The projector and the feature settings are additions within format version 1: directories without them
-still load (no projector; the default feature settings).
+The projector, the feature settings and the language model are additions within format version 1:
+directories without them still load (no projector; the default feature settings; no language model).
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from granite_jax.checkpoint import atomic
-from granite_jax.checkpoint.safetensors_file import SafetensorsFile
+from granite_jax.checkpoint.safetensors_file import SafetensorsFile, write_streamed
 from granite_jax.frontend.config import FeatureConfig, Speech5FeatureConfig
 from granite_jax.hf_config import ConfigError, is_speech5, read_hf_config
 from granite_jax.models.conformer_config import EncoderConfig
+from granite_jax.models.granite_config import LanguageConfig
 from granite_jax.models.projector_config import ProjectorConfig
 from granite_jax.models.speech5_config import Speech5Config
 
@@ -40,7 +47,17 @@ PARAMS_FILE = "params.safetensors"
 FEATURE_CONFIG_FILE = "preprocessor_config.json"
 META_FILE = "granite_jax.json"
 PROJECTOR_PREFIX = "projector."  # the projector's NNX paths in params.safetensors
+LANGUAGE_CONFIG_FILE = "language_config.json"
+LANGUAGE_PARAMS_FILE = "language_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # Speech 5
+CARRIED_FILES = TOKENIZER_FILES + (  # a whole 4.x model's (convert.sources.LM_FILES)
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "out_llm.safetensors",
+)
 
 
 class Converted(NamedTuple):
@@ -56,7 +73,9 @@ class Converted(NamedTuple):
     projector_config: ProjectorConfig | None = None
     projector_params: Mapping[str, np.ndarray] | None = None
     feature_config: FeatureConfig | Speech5FeatureConfig = FeatureConfig()
-    files: Mapping[str, str] = {}  # name -> path of files carried along (Speech 5: the tokenizer's)
+    files: Mapping[str, str] = {}  # name -> path of files carried along (the tokenizer's, the chat template, ...)
+    language_config: LanguageConfig | None = None
+    language_params: Mapping[str, np.ndarray] | None = None  # GraniteForCausalLM's {NNX path: array}, lazy
 
 
 class CheckpointError(ValueError):
@@ -79,6 +98,8 @@ def save(
     projector_params: Mapping[str, np.ndarray] | None = None,
     feature_config: FeatureConfig | Speech5FeatureConfig = FeatureConfig(),
     files: Mapping[str, str] | None = None,
+    language_config: LanguageConfig | None = None,
+    language_params: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Write a checkpoint directory atomically (temp dir + rename); refuse to replace one unless `overwrite`
     (and then only a granite_jax checkpoint: see `check_destination`). Permissions follow the umask.
@@ -89,6 +110,8 @@ def save(
 
     if (projector_config is None) != (projector_params is None):
         raise CheckpointError("projector_config and projector_params must be given together")
+    if (language_config is None) != (language_params is None):
+        raise CheckpointError("language_config and language_params must be given together")
     clash = [k for k in params if k.startswith(PROJECTOR_PREFIX)]
     if clash:
         raise CheckpointError(f"encoder parameter names must not start with {PROJECTOR_PREFIX!r}: {clash}")
@@ -106,9 +129,38 @@ def save(
         for name, source in (files or {}).items():
             shutil.copyfile(source, os.path.join(tmp, name))
         save_file(arrays, os.path.join(tmp, PARAMS_FILE), metadata={"format": "granite_jax"})
+        del arrays
+        if language_config is not None:
+            _write_json(os.path.join(tmp, LANGUAGE_CONFIG_FILE), language_config.to_hf_dict())
+            _write_language_model(os.path.join(tmp, LANGUAGE_PARAMS_FILE), language_config, language_params)
         meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         meta.update(provenance)
         _write_json(os.path.join(tmp, META_FILE), meta)
+
+
+def _write_language_model(path: str, config: LanguageConfig, params: Mapping[str, np.ndarray]) -> None:
+    """The language model's variables, one tensor at a time (each read from `params` only when written)."""
+    from granite_jax.models.granite import abstract_lm_params
+
+    abstract = abstract_lm_params(config.text)
+    if set(params) != set(abstract):
+        missing, extra = sorted(set(abstract) - set(params)), sorted(set(params) - set(abstract))
+        raise CheckpointError(f"language model parameters do not fit its config: missing {missing}, extra {extra}")
+    first = next(iter(params.values())) if isinstance(params, dict) else None
+    dtype = first.dtype if first is not None else None
+
+    def spec(name):
+        shape = tuple(abstract[name].shape)
+        return shape, dtype if dtype is not None else _dtype_of(params, name)
+
+    specs = {name: spec(name) for name in abstract}
+    write_streamed(path, specs, lambda name: np.asarray(params[name]), metadata={"format": "granite_jax"})
+
+
+def _dtype_of(params: Mapping[str, np.ndarray], name: str) -> np.dtype:
+    """The stored dtype of one entry of a lazy mapping (its `dtype_of`, else reading it)."""
+    dtype_of = getattr(params, "dtype_of", None)
+    return np.dtype(dtype_of(name)) if dtype_of is not None else np.asarray(params[name]).dtype
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -160,6 +212,11 @@ class LazyParams(Mapping):
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
+    def dtype_of(self, key: str) -> np.dtype:
+        from granite_jax.checkpoint.safetensors_file import _NUMPY
+
+        return _NUMPY[self._file.dtype(self._prefix + key)]
+
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -204,5 +261,23 @@ def load(path: str | os.PathLike) -> Converted:
     feature_config = features(num_mel_bins=config.num_mel_bins) if speech5 else FeatureConfig()
     if os.path.exists(os.path.join(path, FEATURE_CONFIG_FILE)):
         feature_config = _read_config(features, path, FEATURE_CONFIG_FILE)
-    files = {n: os.path.join(path, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))}
-    return Converted(config, params, meta, projector_config, projector_params, feature_config, files)
+    files = {n: os.path.join(path, n) for n in CARRIED_FILES if os.path.isfile(os.path.join(path, n))}
+    language_config = language_params = None
+    if os.path.exists(os.path.join(path, LANGUAGE_CONFIG_FILE)):
+        file = os.path.join(path, LANGUAGE_CONFIG_FILE)
+        try:
+            language_config = LanguageConfig.from_granite_jax(read_hf_config(file, LANGUAGE_CONFIG_FILE))
+        except ConfigError as e:
+            raise CheckpointError(f"{file}: {e}") from None
+        language_params = LazyParams(os.path.join(path, LANGUAGE_PARAMS_FILE))
+    return Converted(
+        config,
+        params,
+        meta,
+        projector_config,
+        projector_params,
+        feature_config,
+        files,
+        language_config,
+        language_params,
+    )

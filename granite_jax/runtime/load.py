@@ -3,6 +3,7 @@ checked before any weight is read, each block's weights read into arrays of thei
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -12,14 +13,18 @@ import numpy as np
 
 from granite_jax.checkpoint import store as checkpoint
 from granite_jax.convert.convert import convert_hf
+from granite_jax.hf_config import read_hf_config
 from granite_jax.models import speech5
 from granite_jax.models.conformer import encoder_from_params
+from granite_jax.models.granite import lm_from_params
+from granite_jax.models.granite_lora import with_adapter
 from granite_jax.models.projector import projector_from_params
 from granite_jax.models.speech5_config import Speech5Config
 from granite_jax.runtime.buckets import BucketPolicy
 from granite_jax.runtime.devices import DeviceSpec, resolve_devices
 from granite_jax.runtime.layerwise import BlockWeights
-from granite_jax.runtime.runner import Runner, check_chunk_blocks
+from granite_jax.runtime.runner import Language, Runner, check_chunk_blocks
+from granite_jax.text.prompt import PromptBuilder
 from granite_jax.text.tokenizer import CTCTokenizer
 
 
@@ -64,16 +69,21 @@ def load(
     model = build(
         loaded.config, loaded.params, param_dtype=param_dtype, dtype=param_dtype, consume=consume, unstacked=parts
     )
+    speech5_model = isinstance(loaded.config, Speech5Config)
     tokenizer = None
-    if "tokenizer.json" in loaded.files:
+    if speech5_model and "tokenizer.json" in loaded.files:
         tokenizer = CTCTokenizer.from_dir(os.path.dirname(loaded.files["tokenizer.json"]), loaded.config.pad_token_id)
     projector = None
     if loaded.projector_config is not None:
         projector = projector_from_params(
             loaded.projector_config, loaded.projector_params, param_dtype=param_dtype, dtype=param_dtype
         )
+    language = None
+    if loaded.language_config is not None:
+        language = language_model(loaded, param_dtype)
     return Runner(
         model,
+        language=language,
         projector=projector,
         feature_config=loaded.feature_config,
         tokenizer=tokenizer,
@@ -83,3 +93,20 @@ def load(
         devices=devices,
         layerwise=BlockWeights(model, parts) if parts else False,
     )
+
+
+def language_model(loaded, param_dtype) -> Language:
+    """The language model of a loaded whole 4.x checkpoint, with its prompt builder and generation settings."""
+    lang = loaded.language_config
+    lm = lm_from_params(lang.text, loaded.language_params, param_dtype=param_dtype, dtype=param_dtype)
+    if lang.has_lora_adapter:
+        lm = with_adapter(lm, loaded.files, lang)
+    prompts = None  # read when first needed (a broken tokenizer does not stop encoding or export)
+    if "tokenizer.json" in loaded.files:
+        prompts = functools.partial(
+            PromptBuilder.from_dir, os.path.dirname(loaded.files["tokenizer.json"]), lang.audio_token_id
+        )
+    generation = None
+    if "generation_config.json" in loaded.files:
+        generation = read_hf_config(loaded.files["generation_config.json"], "generation_config.json")
+    return Language(lm, lang, prompts, generation)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,8 @@ from granite_jax.frontend.config import FeatureConfig, Speech5FeatureConfig
 from granite_jax.frontend.features import prepare_waveforms
 from granite_jax.models.conformer import GraniteSpeechEncoder
 from granite_jax.models.conformer_config import EncoderConfig
+from granite_jax.models.granite import GraniteForCausalLM
+from granite_jax.models.granite_config import LanguageConfig
 from granite_jax.models.projector import GraniteSpeechProjector, num_audio_embeddings
 from granite_jax.models.projector_config import ProjectorConfig
 from granite_jax.models.speech5 import GraniteSpeech5Encoder
@@ -29,9 +31,11 @@ from granite_jax.runtime.buckets import BucketPolicy, pad_rows
 from granite_jax.runtime.compiled import Bound, Compiled
 from granite_jax.runtime.devices import DeviceSpec, RowMesh
 from granite_jax.runtime.families import Granite5, family_of
+from granite_jax.runtime.generate import DecodeSettings, GenerateResult, Generator
 from granite_jax.runtime.layerwise import BlockWeights, stacks_of
 from granite_jax.runtime.results import EncodeResult, WaveformBatch, check_finite
 from granite_jax.text.ctc import Transcript, ctc_greedy_ids
+from granite_jax.text.prompt import PromptBuilder
 from granite_jax.text.tokenizer import CTCTokenizer
 
 BATCH_MODES = ("per_utterance", "hf")
@@ -79,6 +83,7 @@ class Runner:
         provenance: dict | None = None,
         devices: DeviceSpec = None,
         layerwise: bool | BlockWeights = False,
+        language: Language | None = None,
     ):
         check_chunk_blocks(chunk_blocks)
         self.rows = RowMesh(devices)
@@ -108,6 +113,13 @@ class Runner:
         self._run = Compiled(
             self.family, self._encoder, self._projector, self._blocks, self.rows, chunk_blocks, self._compute_dtype
         )
+        self.language_model, self.language_config, self._generator = None, None, None
+        if language is not None:
+            if projector is None:
+                raise ValueError("a language model needs the projector that feeds it (a whole 4.x checkpoint)")
+            self.language_model, self.language_config = language.model, language.config
+            settings = DecodeSettings.from_configs(language.config, language.generation_config)
+            self._generator = Generator(language.model, language.config, language.prompts, settings, self.rows)
 
     @property
     def model(self) -> GraniteSpeechEncoder | GraniteSpeech5Encoder:
@@ -132,7 +144,7 @@ class Runner:
     def num_traces(self) -> int:
         """How many input shapes the compiled functions have been traced (and compiled, or fetched from the
         persistent compilation cache) for so far."""
-        return self._run.traces
+        return self._run.traces + (self._generator.traces if self._generator is not None else 0)
 
     num_compilations = num_traces  # the earlier name
 
@@ -344,6 +356,43 @@ class Runner:
             batch.frames,
         )
 
+    def generate(
+        self,
+        waveforms: Any,
+        prompt: Any = None,
+        *,
+        sampling_rate: float = 16000,
+        max_new_tokens: int = 200,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        speculative: bool | str = False,
+    ) -> GenerateResult:
+        """Speech to text with the 4.x language model: audio -> embeddings -> the chat prompt -> generation.
+
+        `prompt`: a string (the user turn after the audio token; default "can you transcribe the speech into a
+        written format?"), a list of chat messages taken verbatim (one `<|audio|>` in them), or a list of those,
+        one per utterance. `num_beams` > 1: beam search as transformers' (`length_penalty`, `early_stopping`).
+        `speculative=True`: greedy, verified against a draft from the encoder's CTC head (the same tokens,
+        fewer steps when the draft is right). Each utterance gives what it gives alone. See `GenerateResult`.
+        """
+        if self._generator is None:
+            raise ValueError(
+                "this checkpoint has no language model: convert the whole 4.x checkpoint (granite-jax-convert "
+                "without --encoder-only) to generate text"
+            )
+        return self._generator.run(
+            self,
+            waveforms,
+            prompt,
+            sampling_rate=sampling_rate,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            speculative=speculative,
+        )
+
     def transcribe(
         self,
         waveforms_or_paths: Any,
@@ -369,6 +418,9 @@ class Runner:
 
             sampling_rate = self.feature_config.sampling_rate
             items = [load_audio(p, sampling_rate) for p in items]
+        if self._generator is not None and not timestamps:
+            texts = self.generate(items, sampling_rate=sampling_rate).texts
+            return texts[0] if single else texts
         res = self.encode(items, sampling_rate, batch_mode=batch_mode, embeddings=False)
         if not timestamps:
             texts = self.ctc_greedy(res.hidden_states, res.lengths)
@@ -397,6 +449,15 @@ class Runner:
 
 
 GraniteEncoder = Runner  # the earlier name
+
+
+class Language(NamedTuple):
+    """A whole 4.x checkpoint's language side, as `load` hands it to the Runner."""
+
+    model: GraniteForCausalLM
+    config: LanguageConfig
+    prompts: Callable[[], PromptBuilder] | None  # builds the prompt builder (when first needed)
+    generation_config: dict | None
 
 
 def check_chunk_blocks(chunk_blocks: Any) -> None:

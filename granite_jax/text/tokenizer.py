@@ -22,13 +22,22 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be read or used; the message names the file."""
 
 
-def _clean_up(text: str) -> str:
+def clean_up(text: str) -> str:
     """transformers' `clean_up_tokenization`."""
     for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m")):
         text = text.replace(a, b)
     for a, b in ((" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(a, b)
     return text
+
+
+def clean_up_spaces(tokenizer, config: dict) -> bool:
+    """Whether transformers applies `clean_up_tokenization` when decoding with this tokenizer and config: when
+    the config asks, except for BPE models (it corrupts BPE text) unless the config insists."""
+    clean = bool(config.get("clean_up_tokenization_spaces", False))
+    if type(tokenizer.model).__name__ == "BPE":
+        clean = clean and bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
+    return clean
 
 
 class CTCTokenizer:
@@ -70,12 +79,7 @@ class CTCTokenizer:
         blank = tokenizer.token_to_id(pad) if isinstance(pad, str) else None
         if isinstance(pad, str) and blank is None:
             raise TokenizerError(f"{config_file}: pad_token {pad!r} is not in {file}")
-        clean = bool(config.get("clean_up_tokenization_spaces", False))
-        if type(tokenizer.model).__name__ == "BPE":  # transformers skips it for BPE (it corrupts BPE text)
-            clean = clean and bool(
-                config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
-            )
-        return cls(tokenizer, default_blank if blank is None else blank, clean, path)
+        return cls(tokenizer, default_blank if blank is None else blank, clean_up_spaces(tokenizer, config), path)
 
     def check_vocab(self, vocab_size: int, blank_id: int) -> None:
         """Refuse a tokenizer that does not fit the model's CTC head."""
@@ -92,7 +96,7 @@ class CTCTokenizer:
         """Emitted tokens (already collapsed: `ctc.collapse`) -> text. Nothing is merged here, so a token that
         repeats across a blank is decoded twice; special tokens (and the blank) are skipped."""
         text = self.tokenizer.decode([int(k) for k in tokens if k != self.blank_id], skip_special_tokens=True)
-        return _clean_up(text) if self.clean_up_tokenization_spaces else text
+        return clean_up(text) if self.clean_up_tokenization_spaces else text
 
     def decode_frames(self, ids: Sequence[int]) -> str:
         """One utterance's per-frame best ids -> text: `ParakeetTokenizer.decode(ids, skip_special_tokens=True)`."""
