@@ -92,9 +92,7 @@ class Generator:
         self._prefill = rows.jit(
             self._prefill_rows, (R, ROWS, ROWS, ROWS), (ROWS, cache), on_trace=count, static=("cache_length",)
         )
-        self._greedy = rows.jit(
-            self._greedy_rows, (R, cache, ROWS, ROWS, R, R), (ROWS, ROWS), static=("steps",)
-        )
+        self._greedy = rows.jit(self._greedy_rows, (R, cache, ROWS, ROWS, R, R), (ROWS, ROWS), static=("steps",))
 
     # -- the per-rows programs ---------------------------------------------------------------------------------
     def _prefill_rows(self, values, ids, audio, lengths, *, cache_length):
