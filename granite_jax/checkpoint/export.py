@@ -1,7 +1,9 @@
 """Back to Hugging Face: a converted (or fine-tuned) model as a directory that transformers (and vLLM) load.
 
 - Bare: `config.json` and `model.safetensors` of a `GraniteSpeech(Plus)CTCEncoder`; for Granite Speech 5 a
-  whole `GraniteSpeech5ForCTC` with its front end and tokenizer.
+  whole `GraniteSpeech5ForCTC` with its front end and tokenizer; for a runner with its language model the
+  whole `GraniteSpeech(Plus)ForConditionalGeneration` with its tokenizer, chat template and generation config
+  (the language model in the published layout, `language_model.model.*`; a 3.x adapter merged).
 - With `base` (the original full checkpoint): the whole `GraniteSpeech(Plus)ForConditionalGeneration`
   directory, the encoder (and projector) tensors replaced by these and every other tensor and file copied
   through, streamed one shard at a time (never the whole model in memory), each tensor in the base's dtype.
@@ -20,7 +22,14 @@ from flax import nnx
 
 from granite_jax.checkpoint import atomic
 from granite_jax.checkpoint.safetensors_file import SafetensorsFile
-from granite_jax.convert.key_map import ENCODER_KEYS, PROJECTOR_KEYS, SPEECH5_KEYS, ConversionError, flax_to_hf
+from granite_jax.convert.key_map import (
+    ENCODER_KEYS,
+    LM_KEYS,
+    PROJECTOR_KEYS,
+    SPEECH5_KEYS,
+    ConversionError,
+    flax_to_hf,
+)
 from granite_jax.convert.sources import ENCODER_PREFIXES, projector_prefix_for
 from granite_jax.frontend.config import Speech5FeatureConfig
 from granite_jax.hf_config import ConfigError, is_speech5, read_hf_config
@@ -90,12 +99,17 @@ def export_hf(
     if os.path.exists(dst) and os.listdir(dst) and not os.path.isfile(os.path.join(dst, "config.json")):
         raise ExportError(f"{dst} exists and is not a Hugging Face checkpoint (no config.json); not replacing it")
     target = _np_dtype(dtype)
+    lm = getattr(runner, "language_model", None)
     if base is None:
+        if lm is not None:
+            return _export_whole(encoder, projector, runner, dst, target or np.dtype(np.float32))
         return _export_bare(encoder, dst, target or np.dtype(np.float32), runner)
     base = os.path.abspath(os.fspath(base))
     if os.path.realpath(base) == os.path.realpath(dst):
         raise ExportError(f"DST {dst} is the base checkpoint; choose another destination")
-    return _export_with_base(encoder, projector, dst, base, target)
+    if lm is not None and runner.language_config.has_lora_adapter:
+        lm = None  # merged with its adapter: the base's own tensors and adapter files are copied through instead
+    return _export_with_base(encoder, projector, dst, base, target, lm)
 
 
 def _np_dtype(name: str | None) -> np.dtype | None:
@@ -142,8 +156,60 @@ def _export_bare(encoder, dst: str, dtype: np.dtype, runner: Any = None) -> str:
     return dst
 
 
+def language_model_state_dict(lm, layout: str = "language_model.") -> dict[str, np.ndarray]:
+    """The language model's tensors under HF's names: `language_model.model.*` and `language_model.lm_head.weight`
+    (published layout), or with `layout="model.language_model."` transformers 5's (`lm_head.weight` on top)."""
+    from granite_jax.models.granite import lm_params_of
+
+    out = {}
+    for key, value in flax_to_hf(lm_params_of(lm), table=LM_KEYS).items():
+        if layout == "language_model.":
+            out["language_model." + key] = value
+        else:
+            out["lm_head.weight" if key == "lm_head.weight" else layout + key.removeprefix("model.")] = value
+    return out
+
+
+def _export_whole(encoder, projector, runner, dst: str, dtype: np.dtype) -> str:
+    """A whole GraniteSpeech(Plus)ForConditionalGeneration directory, from the runner alone."""
+    from safetensors.numpy import save_file
+
+    cfg, pcfg, lang = encoder.config, runner.projector_config, runner.language_config
+    config = {
+        "model_type": "granite_speech_plus" if cfg.is_plus else "granite_speech",
+        "architectures": [
+            "GraniteSpeechPlusForConditionalGeneration" if cfg.is_plus else "GraniteSpeechForConditionalGeneration"
+        ],
+        "encoder_config": cfg.to_hf_dict(),
+        **pcfg.to_hf_dict(),
+        **lang.to_hf_dict(),
+        "has_lora_adapter": False,  # merged
+        "tie_word_embeddings": lang.text.tie_word_embeddings,
+        "torch_dtype": "bfloat16" if dtype.name == "bfloat16" else str(dtype),
+    }
+    tensors = encoder_state_dict(encoder, "encoder.")
+    tensors.update(flax_to_hf(projector_params_of(projector), prefix="projector.", table=PROJECTOR_KEYS))
+    tensors.update(language_model_state_dict(runner.language_model))
+    tensors = {k: _cast(v, dtype) for k, v in tensors.items()}
+    with atomic.atomic_dir(dst, replace=True) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+            json.dump(runner.feature_config.to_hf_dict(pcfg), f, indent=2, sort_keys=True)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name, path in (runner.carried_files or {}).items():
+            if not name.startswith("adapter_"):
+                shutil.copy2(path, os.path.join(tmp, name))
+    return dst
+
+
 def _export_with_base(
-    encoder: GraniteSpeechEncoder, projector: GraniteSpeechProjector | None, dst: str, base: str, dtype
+    encoder: GraniteSpeechEncoder,
+    projector: GraniteSpeechProjector | None,
+    dst: str,
+    base: str,
+    dtype,
+    lm=None,
 ) -> str:
     from safetensors.numpy import save_file
 
@@ -176,6 +242,10 @@ def _export_with_base(
         if isinstance(encoder, GraniteSpeech5Encoder)
         else ()
     )
+    if lm is not None:
+        layout = "model.language_model." if any(k.startswith("model.language_model.") for k in weight_map) else None
+        ours.update(language_model_state_dict(lm, layout or "language_model."))
+        beside += ("language_model.", "model.language_model.", "lm_head.")
     theirs = {k for k in weight_map if k.startswith((prefix,) + beside)}
     if isinstance(encoder, GraniteSpeech5Encoder) and encoder.config.tie_word_embeddings:
         for k in [k for k in theirs if k.startswith("ctc_head.")]:  # a saved copy of the tied head: keep it equal

@@ -56,8 +56,9 @@ def merge_adapter(lm: GraniteForCausalLM, config: dict, weights: Mapping[str, np
     alpha = config.get("lora_alpha", r)
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
         raise AdapterError(f"{source}adapter_config.json: r and lora_alpha must be numbers, got {r!r}, {alpha!r}")
-    if config.get("fan_in_fan_out"):
-        raise AdapterError(f"{source}adapter_config.json: fan_in_fan_out adapters are not supported")
+    for name in ("fan_in_fan_out", "use_dora", "rank_pattern", "alpha_pattern", "lora_bias"):
+        if config.get(name):
+            raise AdapterError(f"{source}adapter_config.json: {name} adapters are not supported")
     scale = alpha / np.sqrt(r) if config.get("use_rslora") else alpha / r
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, value in weights.items():

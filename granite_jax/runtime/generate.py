@@ -25,6 +25,7 @@ from granite_jax.runtime.buckets import ladder_frames
 from granite_jax.runtime.compiled import Bound
 from granite_jax.runtime.devices import REPLICATED as R
 from granite_jax.runtime.devices import ROWS, RowMesh
+from granite_jax.text.ctc import collapse
 from granite_jax.text.prompt import PromptBuilder
 
 
@@ -80,9 +81,11 @@ class Generator:
         prompts: Callable[[], PromptBuilder] | None,
         settings: DecodeSettings,
         rows: RowMesh,
+        bpe_head: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         self.lm, self.lang, self.settings, self.rows = lm, lang, settings, rows
         self._prompts_factory, self._prompts = prompts, None
+        self._bpe_head = bpe_head
         self.bound = Bound(lm)
         self.bound.place(rows.replicated)
         self.dtype = jnp.dtype(lm.model.embed_tokens.embedding.get_value().dtype)
@@ -92,9 +95,26 @@ class Generator:
         self._prefill = rows.jit(
             self._prefill_rows, (R, ROWS, ROWS, ROWS), (ROWS, cache), on_trace=count, static=("cache_length",)
         )
-        self._greedy = rows.jit(self._greedy_rows, (R, cache, ROWS, ROWS, R, R), (ROWS, ROWS), static=("steps",))
+        self._beam = rows.jit(
+            self._beam_rows,
+            (R, cache, ROWS, ROWS, R, ROWS),
+            (ROWS, ROWS),
+            static=("steps", "num_beams", "length_penalty", "early_stopping"),
+        )
+        self._speculative = rows.jit(
+            self._speculative_rows,
+            (R, cache, ROWS, ROWS, R, ROWS, ROWS),
+            (ROWS, ROWS, ROWS, ROWS),
+            static=("steps", "chunk"),
+        )
+        self._greedy = rows.jit(self._greedy_rows, (R, cache, ROWS, ROWS, R, ROWS), (ROWS, ROWS), static=("steps",))
 
     # -- the per-rows programs ---------------------------------------------------------------------------------
+    def _embed(self, lm, ids):
+        """Generated tokens' embeddings. A generated audio token is embedded as token 0, as transformers does
+        (its forward maps every `audio_token_id` to 0 before the lookup; only the prompt's get audio)."""
+        return lm.embed(jnp.where(ids == self.lang.audio_token_id, 0, ids))
+
     def _prefill_rows(self, values, ids, audio, lengths, *, cache_length):
         """The prompt (audio merged in) through the model: (raw logits at each row's last prompt token, cache)."""
         lm = self.bound.merge(values)
@@ -115,19 +135,18 @@ class Generator:
         b = first.shape[0]
         pad = self.settings.pad
         tokens = jnp.full((b, steps), pad, jnp.int32).at[:, 0].set(first)
-        done = jnp.isin(first, eos)
+        done = jnp.isin(first, eos) | (limit <= 1)
 
         def cond(c):
-            t, _, _, _, done = c
-            return (t < limit) & ~jnp.all(done)
+            return ~jnp.all(c[4])
 
         def body(c):
             t, tokens, cache, last, done = c
-            hidden, cache = lm(lm.embed(last[:, None]), lengths + t - 1, cache)
+            hidden, cache = lm(self._embed(lm, last[:, None]), lengths + t - 1, cache)
             nxt = jnp.argmax(lm.head(hidden[:, 0]).astype(jnp.float32), axis=-1).astype(jnp.int32)
             nxt = jnp.where(done, pad, nxt)
             tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, t, axis=1)
-            return t + 1, tokens, cache, nxt, done | jnp.isin(nxt, eos)
+            return t + 1, tokens, cache, nxt, done | jnp.isin(nxt, eos) | (t + 1 >= limit)
 
         t, tokens, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, cache, first, done))
         return tokens, jnp.full((b,), t, jnp.int32)
@@ -142,6 +161,145 @@ class Generator:
                 )
             self._prompts = self._prompts_factory()
         return self._prompts
+
+    def _beam_rows(
+        self, values, cache, logits, lengths, eos, limit, *, steps, num_beams, length_penalty, early_stopping
+    ):
+        """transformers' vectorised beam search (`GenerationMixin._beam_search`), step for step: (best sequence
+        (B, steps), its score (B,)). `logits`: the prefill's, one row per utterance (raw: `head`)."""
+        lm = self.bound.merge(values)
+        cfg = self.lang.text
+        b, nb, v = logits.shape[0], num_beams, logits.shape[-1]
+        k = max(2, 1 + len(self.settings.eos)) * nb  # beams_to_keep
+        top_mask = jnp.arange(k) < nb
+        neg = jnp.float32(-1.0e9)
+        active, limit = limit > 0, jnp.max(limit)  # padding rows take no part (finished, nothing to improve)
+        pos0 = jnp.repeat(lengths, nb)  # (B * nb,) each beam's first new position
+        cache = jax.tree.map(lambda c: jnp.repeat(c, nb, axis=0), cache)
+        fill = self.settings.pad
+
+        def log_probs(raw):  # the model's logits (divided by logits_scaling), as scores
+            return jax.nn.log_softmax(raw.astype(jnp.float32) / cfg.logits_scaling, axis=-1)
+
+        def select(state, logp):
+            """One step of selection at generated length t (transformers' three helpers)."""
+            t, run_seq, run_scores, seq, scores, finished, unsatisfied, cache = state
+            acc = (logp.reshape(b, nb, v) + run_scores[..., None]).reshape(b, nb * v)
+            top_lp, top_idx = jax.lax.top_k(acc, k)
+            origin, tok = top_idx // v, (top_idx % v).astype(jnp.int32)
+            top_seq = jnp.take_along_axis(run_seq, origin[..., None], axis=1)
+            top_seq = jax.lax.dynamic_update_index_in_dim(top_seq, tok, t, axis=2)
+            hits = jnp.isin(tok, eos) | (t + 1 >= limit)
+            # the running beams for the next step: the best nb candidates that did not stop
+            keep = jax.lax.top_k(top_lp + hits * neg, nb)[1]
+            new_run_seq = jnp.take_along_axis(top_seq, keep[..., None], axis=1)
+            new_run_scores = jnp.take_along_axis(top_lp + hits * neg, keep, axis=1)
+            new_origin = jnp.take_along_axis(origin, keep, axis=1)
+            # finished hypotheses: merge those that just stopped (among the top nb) with the kept ones
+            just = hits & top_mask[None, :]
+            cand = top_lp / ((t + 1).astype(jnp.float32) ** length_penalty)
+            full = jnp.all(finished, axis=-1, keepdims=True) & (early_stopping is True)
+            cand = cand + full * neg + (~unsatisfied)[:, None] * neg + (~just) * neg
+            m_seq = jnp.concatenate([seq, top_seq], axis=1)
+            m_scores = jnp.concatenate([scores, cand], axis=1)
+            m_fin = jnp.concatenate([finished, just], axis=1)
+            best = jax.lax.top_k(m_scores, nb)[1]
+            seq = jnp.take_along_axis(m_seq, best[..., None], axis=1)
+            scores = jnp.take_along_axis(m_scores, best, axis=1)
+            finished = jnp.take_along_axis(m_fin, best, axis=1)
+            # reorder the cache to the running beams' origins
+            rows = (jnp.arange(b)[:, None] * nb + new_origin).reshape(-1)
+            cache = jax.tree.map(lambda c: jnp.take(c, rows, axis=0), cache)
+            t = t + 1
+            # early-stop heuristic
+            if early_stopping == "never" and length_penalty > 0.0:
+                best_len = limit.astype(jnp.float32)
+            else:
+                best_len = t.astype(jnp.float32)
+            best_running = new_run_scores[:, :1] / best_len**length_penalty
+            worst_done = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), neg)
+            unsatisfied = unsatisfied & jnp.any(best_running > worst_done, axis=-1)
+            go = jnp.any(unsatisfied) & ~(jnp.all(finished) & (early_stopping is True)) & ~jnp.all(hits)
+            return (t, new_run_seq, new_run_scores, seq, scores, finished, unsatisfied, cache), go
+
+        run_seq = jnp.full((b, nb, steps), fill, jnp.int32)
+        run_scores = jnp.where(jnp.arange(nb) == 0, 0.0, neg)[None].repeat(b, 0).astype(jnp.float32)
+        state = (
+            jnp.int32(0),
+            run_seq,
+            run_scores,
+            run_seq,
+            jnp.full((b, nb), neg, jnp.float32),
+            jnp.repeat(~active[:, None], nb, axis=1),
+            active,
+            cache,
+        )
+        first = jnp.repeat(log_probs(logits), nb, axis=0)
+        state, go = select(state, first)
+
+        def body(c):
+            state, _ = c
+            t, run_seq = state[0], state[1]
+            last = run_seq[:, :, t - 1].reshape(-1)
+            hidden, cache = lm(self._embed(lm, last[:, None]), pos0 + t - 1, state[7])
+            return select((*state[:7], cache), log_probs(lm.head(hidden[:, 0])))
+
+        state, _ = jax.lax.while_loop(lambda c: c[1] & (c[0][0] < limit), body, (state, go))
+        return state[3][:, 0], state[4][:, 0]
+
+    def _speculative_rows(self, values, cache, first, lengths, eos, limit, drafts, *, steps, chunk):
+        """Greedy decoding verified against `drafts` (B, D; -1 past a row's draft), `chunk` draft tokens per
+        step: each step feeds the last token and the next `chunk` draft tokens, keeps the longest draft prefix
+        equal to the model's own argmax, and the model's token after it. The tokens are greedy's by construction.
+        (tokens (B, steps), tokens emitted per row, draft tokens accepted per row, steps taken)."""
+        lm = self.bound.merge(values)
+        b = first.shape[0]
+        pad = self.settings.pad
+        width = steps + chunk + 1
+        tokens = jnp.full((b, width), pad, jnp.int32).at[:, 0].set(first)
+        done = jnp.isin(first, eos) | (limit <= 1)
+        rows = jnp.arange(b)[:, None]
+        offsets = jnp.arange(chunk + 1)[None, :]
+
+        def cond(c):
+            return ~jnp.all(c[4])
+
+        def body(c):
+            t, tokens, cache, last, done, pointer, accepted, n_steps = c
+            idx = pointer[:, None] + offsets[:, :chunk]
+            props = jnp.where(
+                idx < drafts.shape[1], jnp.take_along_axis(drafts, jnp.minimum(idx, drafts.shape[1] - 1), axis=1), -1
+            )
+            inputs = jnp.concatenate([last[:, None], jnp.where(props < 0, pad, props)], axis=1)
+            hidden, cache = lm(self._embed(lm, inputs), lengths + t - 1, cache)
+            g = jnp.argmax(lm.head(hidden).astype(jnp.float32), axis=-1).astype(jnp.int32)  # (b, chunk + 1)
+            m = jnp.sum(jnp.cumprod(props == g[:, :chunk], axis=1), axis=1)  # draft tokens accepted
+            n = m + 1  # tokens emitted: the accepted draft, then the model's own
+            hit = jnp.isin(g, eos) & (offsets < n[:, None])
+            first_eos = jnp.where(jnp.any(hit, axis=1), jnp.argmax(hit, axis=1) + 1, n)
+            n = jnp.minimum(jnp.minimum(n, first_eos), limit - t)
+            n = jnp.where(done, 0, n)
+            write = offsets < n[:, None]
+            where = jnp.where(write, t[:, None] + offsets, width)  # out of bounds: dropped
+            tokens = tokens.at[rows, where].set(g, mode="drop")
+            last = jnp.where(n > 0, jnp.take_along_axis(g, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0], last)
+            accepted = accepted + jnp.minimum(m, n)
+            t = t + n
+            done = done | jnp.any(hit & write, axis=1) | (t >= limit)
+            return t, tokens, cache, last, done, pointer + n, accepted, n_steps + 1
+
+        init = (
+            jnp.ones(b, jnp.int32),
+            tokens,
+            cache,
+            first,
+            done,
+            jnp.ones(b, jnp.int32),
+            jnp.zeros(b, jnp.int32),
+            jnp.int32(0),
+        )
+        t, tokens, _, _, _, _, accepted, n_steps = jax.lax.while_loop(cond, body, init)
+        return tokens[:, :steps], t, accepted, jnp.full((b,), n_steps, jnp.int32)
 
     # -- host side ---------------------------------------------------------------------------------------------
     def prompt_ids(self, prompts: Sequence[Any], counts: Sequence[int], max_new_tokens: int) -> list[list[int]]:
@@ -185,7 +343,7 @@ class Generator:
         first.block_until_ready()
         t1 = time.perf_counter()
         eos = jnp.asarray(self.settings.eos, jnp.int32)
-        limit = jnp.int32(max_new_tokens)
+        limit = split(self.limits(b, len(lengths), max_new_tokens))
         tokens, steps = self._greedy(values, cache, first, split(lengths), eos, limit, steps=_bucket(max_new_tokens))
         tokens = np.asarray(tokens)[:b, :max_new_tokens]
         t2 = time.perf_counter()
@@ -212,11 +370,118 @@ class Generator:
         b = len(res.lengths)
         prompts = per_utterance(prompt, b)
         ids = self.prompt_ids(prompts, res.embedding_counts, max_new_tokens)
+        scores = None
         if num_beams > 1:
-            raise NotImplementedError("beam search")
-        tokens, stats = self.greedy(ids, res.audio_embeddings, max_new_tokens)
+            tokens, scores, stats = self.beam(
+                ids, res.audio_embeddings, max_new_tokens, num_beams, float(length_penalty), early_stopping
+            )
+        elif speculative:
+            drafts = self.drafts(runner, res)
+            tokens, stats = self.speculative(ids, res.audio_embeddings, max_new_tokens, drafts)
+        else:
+            tokens, stats = self.greedy(ids, res.audio_embeddings, max_new_tokens)
         texts = [self.prompts.decode(t) for t in tokens]
-        return GenerateResult(texts, tokens, np.array([len(p) for p in ids], np.int32), None, stats)
+        return GenerateResult(texts, tokens, np.array([len(p) for p in ids], np.int32), scores, stats)
+
+    def beam(self, prompt_ids, audio, max_new_tokens, num_beams, length_penalty, early_stopping):
+        b = len(prompt_ids)
+        ids, audio, lengths, cache_length = self.batch(prompt_ids, audio, max_new_tokens)
+        values, split = self.bound.values(), self.rows.split_rows
+        t0 = time.perf_counter()
+        logits, cache = self._prefill(values, split(ids), split(audio), split(lengths), cache_length=cache_length)
+        logits.block_until_ready()
+        t1 = time.perf_counter()
+        eos = jnp.asarray(self.settings.eos, jnp.int32)
+        seq, score = self._beam(
+            values,
+            cache,
+            logits,
+            split(lengths),
+            eos,
+            split(self.limits(b, len(lengths), max_new_tokens)),
+            steps=_bucket(max_new_tokens),
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+        )
+        seq, score = np.asarray(seq)[:b, :max_new_tokens], np.asarray(score)[:b]
+        stats = dict(prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
+        return [self.cut(row) for row in seq], score, stats
+
+    def speculative(self, prompt_ids, audio, max_new_tokens, drafts: list[list[int]], chunk: int = 8):
+        """Greedy tokens, verified `chunk` draft tokens at a time (see `_speculative_rows`)."""
+        b = len(prompt_ids)
+        ids, audio, lengths, cache_length = self.batch(prompt_ids, audio, max_new_tokens + chunk + 1)
+        values, split = self.bound.values(), self.rows.split_rows
+        t0 = time.perf_counter()
+        logits, cache = self._prefill(values, split(ids), split(audio), split(lengths), cache_length=cache_length)
+        first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        first.block_until_ready()
+        t1 = time.perf_counter()
+        width = _bucket(max(1, max(len(d) for d in drafts)))
+        table = np.full((len(lengths), width), -1, np.int32)
+        for i, d in enumerate(drafts):
+            table[i, : len(d)] = d
+        eos = jnp.asarray(self.settings.eos, jnp.int32)
+        tokens, emitted, accepted, n_steps = self._speculative(
+            values,
+            cache,
+            first,
+            split(lengths),
+            eos,
+            split(self.limits(b, len(lengths), max_new_tokens)),
+            split(table),
+            steps=_bucket(max_new_tokens),
+            chunk=chunk,
+        )
+        tokens = np.asarray(tokens)[:b, :max_new_tokens]
+        t2 = time.perf_counter()
+        emitted, accepted = np.asarray(emitted)[:b], np.asarray(accepted)[:b]
+        stats = dict(
+            prefill_seconds=t1 - t0,
+            decode_seconds=t2 - t1,
+            steps=int(np.asarray(n_steps).max()),
+            draft_tokens=[len(d) for d in drafts],
+            accepted=accepted.tolist(),
+            acceptance=float(accepted.sum() / max(1, sum(len(d) for d in drafts))),
+        )
+        return [self.cut(row) for row in tokens], stats
+
+    def drafts(self, runner, res) -> list[list[int]]:
+        """Each utterance's draft: the encoder's CTC text in the language model's tokens. With 4.1's BPE head
+        (`out_llm.safetensors`) its greedy ids (label i is token i - 1); else the character head's text,
+        tokenized. Either way stripped and re-tokenized as open_asr_leaderboard's speculative script does."""
+        if self._bpe_head is not None:
+            texts = self._bpe_drafts(runner, res)
+        else:
+            texts = runner.ctc_greedy(res.hidden_states, res.lengths)
+        enc = self.prompts.tokenizer.encode
+        return [enc(t.strip(), add_special_tokens=False).ids if t.strip() else [] for t in texts]
+
+    def _bpe_drafts(self, runner, res) -> list[str]:
+        """4.1's BPE CTC head on the final hidden states pooled in windows of 4, each frame weighted by the
+        character head's non-blank probability (the leaderboard weighs by the mid layer's; only the draft's
+        quality, never the output, depends on it)."""
+        w, bias = self._bpe_head
+        h = jnp.asarray(res.hidden_states)[..., -w.shape[1] :]
+        importance = 1.0 - jax.nn.softmax(runner.ctc_logits(res.hidden_states).astype(jnp.float32), axis=-1)[..., 0]
+        b, t, d = h.shape
+        pad = -t % 4
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, 4, d)
+        importance = jnp.pad(importance, ((0, 0), (0, pad))).reshape(b, -1, 4)
+        weights = importance / (importance.sum(-1, keepdims=True) + 1e-8)
+        pooled = jnp.einsum("bnwd,bnw->bnd", h.astype(jnp.float32), weights)  # (b, windows, hidden)
+        ids = np.asarray(jnp.argmax(pooled @ jnp.asarray(w).T + jnp.asarray(bias), axis=-1))
+        out = []
+        for row, n in zip(ids, -(-np.asarray(res.lengths) // 4), strict=True):
+            tokens = [k - 1 for k in collapse(row[: int(n)], 0)]
+            out.append(self.prompts.tokenizer.decode(tokens) if tokens else "")
+        return out
+
+    @staticmethod
+    def limits(b: int, padded: int, max_new_tokens: int) -> np.ndarray:
+        """Tokens each row may make: `max_new_tokens` for the b real rows, none for the padding rows."""
+        return np.where(np.arange(padded) < b, max_new_tokens, 0).astype(np.int32)
 
     def cut(self, row: np.ndarray) -> np.ndarray:
         """A row's ids up to and including its first eos."""

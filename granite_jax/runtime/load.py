@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from granite_jax.checkpoint import store as checkpoint
+from granite_jax.checkpoint.safetensors_file import SafetensorsFile
 from granite_jax.convert.convert import convert_hf
 from granite_jax.hf_config import read_hf_config
 from granite_jax.models import speech5
@@ -84,6 +85,7 @@ def load(
     return Runner(
         model,
         language=language,
+        files=loaded.files,
         projector=projector,
         feature_config=loaded.feature_config,
         tokenizer=tokenizer,
@@ -109,4 +111,10 @@ def language_model(loaded, param_dtype) -> Language:
     generation = None
     if "generation_config.json" in loaded.files:
         generation = read_hf_config(loaded.files["generation_config.json"], "generation_config.json")
-    return Language(lm, lang, prompts, generation)
+    bpe_head = None
+    if "out_llm.safetensors" in loaded.files:  # 4.1's BPE CTC head: the speculative draft
+        head = SafetensorsFile(loaded.files["out_llm.safetensors"])
+        if set(head) != {"weight", "bias"}:
+            raise ValueError(f"{head.path} must hold a Linear's weight and bias, got {sorted(head)}")
+        bpe_head = (head.get_tensor("weight").astype(np.float32), head.get_tensor("bias").astype(np.float32))
+    return Language(lm, lang, prompts, generation, bpe_head)

@@ -84,6 +84,7 @@ class Runner:
         devices: DeviceSpec = None,
         layerwise: bool | BlockWeights = False,
         language: Language | None = None,
+        files: dict[str, str] | None = None,
     ):
         check_chunk_blocks(chunk_blocks)
         self.rows = RowMesh(devices)
@@ -98,6 +99,7 @@ class Runner:
         self.buckets = BucketPolicy.make(buckets)
         self.chunk_blocks = chunk_blocks
         self.provenance = dict(provenance or {})
+        self.carried_files = dict(files or {})  # the checkpoint's tokenizer, chat template, ... (name -> path)
         self._compute_dtype = jnp.dtype(model.input_linear.kernel.get_value().dtype)
         self._encoder = Bound(model)
         self._projector = Bound(projector) if projector is not None else None
@@ -119,7 +121,9 @@ class Runner:
                 raise ValueError("a language model needs the projector that feeds it (a whole 4.x checkpoint)")
             self.language_model, self.language_config = language.model, language.config
             settings = DecodeSettings.from_configs(language.config, language.generation_config)
-            self._generator = Generator(language.model, language.config, language.prompts, settings, self.rows)
+            self._generator = Generator(
+                language.model, language.config, language.prompts, settings, self.rows, language.bpe_head
+            )
 
     @property
     def model(self) -> GraniteSpeechEncoder | GraniteSpeech5Encoder:
@@ -458,6 +462,7 @@ class Language(NamedTuple):
     config: LanguageConfig
     prompts: Callable[[], PromptBuilder] | None  # builds the prompt builder (when first needed)
     generation_config: dict | None
+    bpe_head: tuple[np.ndarray, np.ndarray] | None = None  # 4.1's out_llm (weight (V + 1, hidden), bias)
 
 
 def check_chunk_blocks(chunk_blocks: Any) -> None:
