@@ -21,6 +21,7 @@ def test_demo_runs_and_reports_parity(capsys):
     out = capsys.readouterr().out
     assert "speed-up" in out and "projector embeddings:" in out and "encoder hidden states:" in out
     assert "1 x 1.00 s of speech (fox)" in out
+    assert "generated token ids equal HF generate's: True" in out
 
 
 def test_demo_speech5_runs_and_reports_parity(capsys):

@@ -348,3 +348,28 @@ def test_export_round_trip_is_bit_exact(pairs, tmp_path):
     assert set(a) == set(b) and any(k.startswith("language_model.") for k in a)
     assert "language_model.lm_head.weight" in a
     assert all(a.get_tensor(k).tobytes() == b.get_tensor(k).tobytes() for k in a)
+
+
+def test_transcribe_command_generates(pairs, tmp_path):
+    import soundfile
+
+    from granite_jax.cli.main import main
+
+    _, _, runner = pairs("tied_kv2")
+    ckpt = os.path.join(os.path.dirname(runner.provenance["source"]), "gj")
+    waves = _waves(8000, 12000, seed=31)
+    for i, w in enumerate(waves):
+        soundfile.write(tmp_path / f"{i}.wav", w, 16000)
+    files = [str(tmp_path / f"{i}.wav") for i in range(2)]
+    for extra in ([], ["--num-beams", "2"], ["--speculative"], ["--prompt", "hello"]):
+        kw = dict(num_beams=2) if extra[:1] == ["--num-beams"] else {}
+        prompt = "hello" if extra[:1] == ["--prompt"] else None
+        want = runner.generate(waves, prompt, max_new_tokens=9, **kw).texts
+        out = tmp_path / "o.jsonl"
+        argv = ["transcribe", ckpt, *files, "--out", str(out), "--max-new-tokens", "9", "--overwrite", "--quiet"]
+        assert main(argv + extra) == 0
+        assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == want, extra
+    assert runner.transcribe(files) == runner.generate(waves).texts  # transcribe on 4.x: the model's text
+    srt = tmp_path / "o.srt"
+    assert main(["transcribe", ckpt, files[0], "--out", str(srt), "--quiet"]) == 1 and not srt.exists()
+    assert main(["transcribe", ckpt, files[0], "--num-beams", "0", "--quiet"]) == 1

@@ -46,14 +46,31 @@ def _clip(name_or_path: str, seconds: float | None):
     return wave
 
 
+# The demo's language model: the released models' width (hidden 2048, 16 heads / 4 kv heads, SwiGLU 8192,
+# Granite's multipliers), 2 layers and a small vocabulary trained here, so that it builds in seconds.
+DEMO_TEXT = dict(
+    intermediate_size=8192,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    embedding_multiplier=12.0,
+    attention_multiplier=0.0078125,
+    residual_multiplier=0.22,
+    logits_scaling=8.0,
+)
+DEMO_NEW_TOKENS = 24
+
+
 def demo(layers: int, clip: str, seconds: float | None, runs: int, batch: int) -> int:
-    """Bundled speech clip -> log-mel -> encoder -> projector, in JAX and in HF torch; parity and speed."""
+    """Bundled speech clip -> log-mel -> encoder -> projector -> language model, in JAX and in HF torch;
+    parity and speed."""
     import jax
 
     import granite_jax
     from granite_jax.convert.convert import convert_checkpoint
     from granite_jax.models.conformer_config import PRODUCTION
-    from granite_jax.testing.hf import make_hf_full_checkpoint, require_torch
+    from granite_jax.testing.hf import require_torch
+    from granite_jax.testing.hf_llm import hf_generate, make_hf_speech_checkpoint, train_llm_tokenizer
 
     try:
         torch, transformers = require_torch()
@@ -73,11 +90,14 @@ def demo(layers: int, clip: str, seconds: float | None, runs: int, batch: int) -
     )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        ref = make_hf_full_checkpoint(cfg, f"{tmp}/hf", seed=0, projector=DEMO_PROJECTOR)
-        print(f"[1/4] made a random HF GraniteSpeechForConditionalGeneration with transformers ({_since(t0)})")
+        tokenizer = train_llm_tokenizer(1000)
+        ref, processor = make_hf_speech_checkpoint(
+            cfg, f"{tmp}/hf", tokenizer, seed=0, projector=DEMO_PROJECTOR, text=DEMO_TEXT, tie=False
+        )
+        print(f"[1/5] made a random HF GraniteSpeechForConditionalGeneration with transformers ({_since(t0)})")
         t0 = time.perf_counter()
         convert_checkpoint(f"{tmp}/hf", f"{tmp}/gj")
-        print(f"[2/4] converted encoder + projector with granite-jax-convert ({_since(t0)})")
+        print(f"[2/5] converted encoder, projector and language model with granite-jax-convert ({_since(t0)})")
         model = granite_jax.load(f"{tmp}/gj")
 
         def run_jax():
@@ -89,7 +109,7 @@ def demo(layers: int, clip: str, seconds: float | None, runs: int, batch: int) -
         res = run_jax()
         first = time.perf_counter() - t0
         jax_times = _timed(run_jax, runs)
-        print(f"[3/4] granite_jax encode(waveforms): first call (compile + run) {first:.2f} s")
+        print(f"[3/5] granite_jax encode(waveforms): first call (compile + run) {first:.2f} s")
         try:
             extractor = transformers.GraniteSpeechFeatureExtractor()
         except ImportError:  # torchaudio missing: HF's side starts from our features instead
@@ -102,7 +122,16 @@ def demo(layers: int, clip: str, seconds: float | None, runs: int, batch: int) -
         with torch.inference_mode():
             feats, out = run_torch()
             torch_times = _timed(run_torch, runs)
-        print(f"[4/4] HF torch reference done{'' if extractor else ' (no torchaudio: fed our log-mel to HF)'}")
+        print(f"[4/5] HF torch reference done{'' if extractor else ' (no torchaudio: fed our log-mel to HF)'}")
+        t0 = time.perf_counter()
+        gen = model.generate(waves[:1], max_new_tokens=DEMO_NEW_TOKENS)
+        t_jax_gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        want = hf_generate(ref, processor, waves[0], max_new_tokens=DEMO_NEW_TOKENS) if extractor else None
+        t_hf_gen = time.perf_counter() - t0
+        print(
+            f"[5/5] speech to text: granite_jax generate {t_jax_gen:.2f} s (first call), HF generate {t_hf_gen:.2f} s"
+        )
     n, e = int(res.lengths[0]), int(res.embedding_counts[0])
     errs = {
         "log-mel features (max abs)": float(np.abs(np.asarray(res.features[0, :n]) - feats[0].numpy()).max()),
@@ -121,8 +150,12 @@ def demo(layers: int, clip: str, seconds: float | None, runs: int, batch: int) -
         print(f"  {k}: {v:.2e}")
     text = model.ctc_greedy(res.hidden_states[:1], res.lengths[:1])[0]
     print(f"CTC greedy text ({len(text)} chars; random weights, so not words): {text[:40]!r}")
+    ids = gen.token_ids[0].tolist()
+    if want is not None:
+        print(f"generated token ids equal HF generate's: {ids == want} ({len(ids)} tokens)")
+    print(f"generated text (random weights, so not words): {gen.texts[0][:60]!r}")
     ok = errs["log-mel features (max abs)"] < 1e-3 and max(list(errs.values())[1:]) < 1e-3
-    return 0 if ok else 2
+    return 0 if ok and (want is None or ids == want) else 2
 
 
 def random_tokenizer(vocab_size: int, seed: int = 0):

@@ -1,9 +1,11 @@
 """`granite-jax transcribe CKPT AUDIO_OR_DIR... [--out FILE.jsonl|.txt|.srt|.vtt] [--timestamps]`.
 
-Files are sorted by duration and batched (similar lengths share a length bucket); the text is greedy CTC
-(Granite Speech 5: its tokenizer; 4.x: the character head). With `--timestamps`, every token and word gets
-its start and end from the CTC alignment. Output is written atomically: JSON lines (one object per file),
-tab-separated text, or subtitle cues (SRT / WebVTT, for one audio file).
+Files are sorted by duration and batched (similar lengths share a length bucket). The text: a 4.x checkpoint
+with its language model generates it (`--prompt`, `--num-beams`, `--max-new-tokens`, `--speculative`);
+Granite Speech 5 and bare 4.x encoders give greedy CTC (Speech 5: its tokenizer; 4.x: the character head),
+where `--timestamps` adds every token's and word's start and end from the CTC alignment. Output is written
+atomically: JSON lines (one object per file), tab-separated text, or subtitle cues (SRT / WebVTT, for one
+audio file with CTC times).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--batch-size", type=int, default=16, help="files per batch (similar lengths are batched)")
     p.add_argument("--max-batch-seconds", type=float, default=600.0, help="padded audio per batch, in seconds")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    g = p.add_argument_group("4.x checkpoints with their language model")
+    g.add_argument("--prompt", default=None, help="the user turn after the audio (default: transcribe)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens generated per file, at most")
+    g.add_argument("--speculative", action="store_true", help="greedy, verified against the CTC head's draft")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
@@ -78,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     if out is not None:
         check_output(out, args.overwrite, SUFFIXES)
+    from granite_jax.runtime.generate import check_generate_args
+
+    check_generate_args(args.max_new_tokens, args.num_beams, 1.0, False, args.speculative)
     if args.batch_size < 1 or not args.max_batch_seconds > 0:
         raise ValueError("--batch-size and --max-batch-seconds must be positive")
     files = find_audio(args.inputs)
@@ -86,6 +96,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"subtitle output ({out}) holds one audio file's cues; got {len(files)} files (use .jsonl)")
     timestamps = args.timestamps or subtitle
     model = granite_jax.load(args.checkpoint, dtype=args.dtype)
+    generating = model.language_model is not None
+    if generating and timestamps:
+        raise ValueError(
+            f"{'subtitle output (' + out + ')' if subtitle else '--timestamps'} needs CTC times, and this checkpoint's "
+            "text comes from its language model, which has none: use .jsonl or .txt"
+        )
+    lm_options = dict(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, speculative=args.speculative or False
+    )
     items = [(name, path, _duration(path)) for name, path in files]
     results: dict[str, dict] = {}
     audio_seconds, t0 = 0.0, time.perf_counter()
@@ -96,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         waves = prepare_waveforms(
             [load_audio(path, sr) for _, path, _ in batch], sr, model.feature_config, names, model.family.min_samples()
         )
-        got = model.transcribe(waves, sr, timestamps=timestamps)
+        if generating:
+            got = model.generate(waves, args.prompt, sampling_rate=sr, **lm_options).texts
+        else:
+            got = model.transcribe(waves, sr, timestamps=timestamps)
         for (name, _, _), w, r in zip(batch, waves, got, strict=True):
             seconds = len(w) / sr
             audio_seconds += seconds

@@ -98,6 +98,8 @@ def hf_speech_llm(
     text_cfg = dict(TINY_TEXT, model_type="granite", vocab_size=vocab, bos_token_id=eos, eos_token_id=eos)
     text_cfg.update(pad_token_id=eos, **(text or {}))
     settings = dict(projector or {})
+    if "llm_hidden_size" in settings:  # the projector's output width is the language model's
+        text_cfg["hidden_size"] = settings.pop("llm_hidden_size")
     top = {k: settings.pop(k) for k in ("window_size", "downsample_rate") if k in settings}
     qformer = dict(
         model_type="blip_2_qformer",
