@@ -38,6 +38,8 @@ for model in granite-speech speech5; do
       | tee "$OUT/$name.txt" || echo "$name failed" | tee -a "$OUT/$name.txt"
   done
 done
+"$PY" benchmarks/bench_generate.py --torch-device cuda --cases "${GEN_CASES:-10s,8x30s}" --new-tokens 32 \
+  2>&1 | tee "$OUT/generate.txt" || echo "bench_generate failed" | tee -a "$OUT/generate.txt"
 "$PY" - "$OUT" <<'PY' | tee "$OUT/table.md"
 import glob, json, os, sys
 out = sys.argv[1]

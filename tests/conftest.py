@@ -27,9 +27,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 if os.environ.get("GRANITE_JAX_TEST_CACHE", "1") != "0":
     import tempfile
 
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-    _cache = os.path.join(tempfile.gettempdir(), f"granite-jax-pytest-xla-{run}")
-    os.makedirs(_cache, exist_ok=True)
+    # made by the first process (pytest's, before it starts the xdist workers, which inherit the variable)
+    _OWN_CACHE = "GRANITE_JAX_TEST_CACHE_DIR" not in os.environ
+    if _OWN_CACHE:
+        os.environ["GRANITE_JAX_TEST_CACHE_DIR"] = tempfile.mkdtemp(prefix="granite-jax-pytest-xla-")
+    _cache = os.environ["GRANITE_JAX_TEST_CACHE_DIR"]
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -43,6 +45,14 @@ _SKIPS = {
     "torchaudio": (not HAS_TORCHAUDIO, "needs torchaudio (HF's feature extractor)"),
     "gpu": (jax.default_backend() not in ("gpu", "cuda", "rocm"), "needs a GPU"),
 }
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that made the run's compilation cache removes it (the xdist workers have their own session)."""
+    if globals().get("_OWN_CACHE") and not hasattr(session.config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(os.environ["GRANITE_JAX_TEST_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

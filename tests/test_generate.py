@@ -373,3 +373,52 @@ def test_transcribe_command_generates(pairs, tmp_path):
     srt = tmp_path / "o.srt"
     assert main(["transcribe", ckpt, files[0], "--out", str(srt), "--quiet"]) == 1 and not srt.exists()
     assert main(["transcribe", ckpt, files[0], "--num-beams", "0", "--quiet"]) == 1
+
+
+@pytest.mark.slow
+def test_production_lm_widths_with_two_layers():
+    """The released language model's widths (hidden 2048, 16 heads / 4 kv heads, SwiGLU 8192, vocabulary 100353,
+    Granite's multipliers) with 2 layers: logits against GraniteForCausalLM, whole and through the cache."""
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from granite_jax.convert.key_map import LM_KEYS, hf_to_flax
+    from granite_jax.models.granite import KVCache, abstract_lm_params, lm_from_params
+    from granite_jax.models.granite_config import GraniteConfig
+    from granite_jax.testing.hf import perturb_
+
+    hf_cfg = transformers.GraniteConfig(
+        vocab_size=100353,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        embedding_multiplier=12.0,
+        attention_multiplier=0.0078125,
+        residual_multiplier=0.22,
+        logits_scaling=8.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0},
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    ref = transformers.GraniteForCausalLM(hf_cfg).eval()
+    perturb_(ref, seed=1)
+    cfg = GraniteConfig.from_hf_config(hf_cfg.to_dict())
+    state = {k: v.numpy() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    expected = {k: (v.shape, np.dtype(np.float32)) for k, v in abstract_lm_params(cfg).items()}
+    lm = lm_from_params(cfg, hf_to_flax(state, state.__getitem__, expected, table=LM_KEYS))
+    del state
+    x = np.random.default_rng(0).standard_normal((2, 21, 2048)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(inputs_embeds=torch.from_numpy(x)).logits.numpy()
+    hidden, _ = lm(jnp.asarray(x), jnp.zeros(2, jnp.int32))
+    assert rel_err(lm.logits(hidden), want) < 1e-4
+    cache = KVCache.zeros(cfg, 2, 24, jnp.float32)
+    first, cache = lm(jnp.asarray(x[:, :17]), jnp.zeros(2, jnp.int32), cache)
+    rest = []
+    for t in range(17, 21):
+        h, cache = lm(jnp.asarray(x[:, t : t + 1]), jnp.full(2, t, jnp.int32), cache)
+        rest.append(h)
+    assert rel_err(lm.logits(jnp.concatenate([first, *rest], axis=1)), want) < 1e-4
