@@ -12,6 +12,14 @@ import os
 # each one preallocate most of its memory. Must be set before jax is imported.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+# The tests' models are tiny, so their time goes to XLA compiles. Two CPU codegen settings cut a compile by
+# about half: LLVM at -O0, and the classic fusion emitters (the HLO passes and the library matmuls are the same).
+# Subprocesses and notebook kernels inherit them. The CLI demo test runs with XLA's defaults, the settings users
+# get (tests/test_cli.py). GRANITE_JAX_TEST_XLA_DEFAULTS=1 keeps the defaults everywhere.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+if os.environ.get("GRANITE_JAX_TEST_XLA_DEFAULTS") != "1" and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -35,7 +43,7 @@ if os.environ.get("GRANITE_JAX_TEST_CACHE", "1") != "0":
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    # the same for the subprocesses some tests start (CLIs, simulated devices, killed runs)
+    # the same for the subprocesses some tests start (CLIs, simulated devices, killed runs, notebook kernels)
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

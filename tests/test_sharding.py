@@ -126,18 +126,41 @@ def _checks(tmp: str) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """Run `_checks` in one subprocess with NUM_DEVICES simulated CPU devices; its JSON result."""
+def _generate_checks(path: str) -> dict:
+    """Runs in the subprocess: speech to text from a whole 4.x checkpoint on all devices and on one (without
+    torch or transformers, which generation must not need)."""
+    sys.modules["torch"] = sys.modules["transformers"] = None
+    import granite_jax
+
+    many, one = granite_jax.load(path), granite_jax.load(path, devices=1)
+    rng = np.random.default_rng(5)
+    out: dict = {"devices": [len(many.devices), len(one.devices)]}
+    for b in (3, 5):  # dummy rows on 4 devices
+        waves = [(0.1 * rng.standard_normal(int(n))).astype(np.float32) for n in rng.integers(1500, 9000, b)]
+        for beams in (1, 2):
+            a = many.generate(waves, max_new_tokens=8, num_beams=beams)
+            z = one.generate(waves, max_new_tokens=8, num_beams=beams)
+            out[f"batch{b}_beams{beams}"] = {
+                "ids_equal": [list(x) == list(y) for x, y in zip(a.token_ids, z.token_ids, strict=True)],
+                "lengths": [len(x) for x in z.token_ids],
+            }
+    return out
+
+
+def _in_subprocess(*args: str) -> dict:
+    """Run this file as a script with NUM_DEVICES simulated CPU devices; its JSON result."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={NUM_DEVICES}".strip()
     env["JAX_PLATFORMS"] = "cpu"  # the flag simulates CPU devices; keep a GPU out of it
-    tmp = tmp_path_factory.mktemp("sharding")
-    proc = subprocess.run(
-        [sys.executable, __file__, os.fspath(tmp)], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """`_checks` in one subprocess with NUM_DEVICES simulated CPU devices."""
+    return _in_subprocess(os.fspath(tmp_path_factory.mktemp("sharding")))
 
 
 def test_sees_all_simulated_devices(report):
@@ -211,5 +234,24 @@ def test_bad_devices_in_process():
     assert enc.padded_batch(3) == 3 and len(enc.devices) == 1
 
 
+@pytest.mark.torch
+def test_generate_equals_one_device(tmp_path):
+    """Greedy and beam search with the batch split over the devices (dummy rows included) give one device's ids."""
+    from granite_jax.testing import convert_cli
+    from granite_jax.testing.hf_llm import make_hf_speech_checkpoint, train_llm_tokenizer
+
+    projector = dict(window_size=6, downsample_rate=3)
+    make_hf_speech_checkpoint(CFG, tmp_path / "hf", train_llm_tokenizer(), projector=projector)
+    convert_cli(tmp_path / "hf", tmp_path / "gj")
+    r = _in_subprocess("generate", os.fspath(tmp_path / "gj"))
+    assert r.pop("devices") == [NUM_DEVICES, 1]
+    for case, got in r.items():
+        assert all(got["ids_equal"]), (case, got)
+    print("generated lengths per case:", {k: v["lengths"] for k, v in r.items()})
+
+
 if __name__ == "__main__":
-    print(json.dumps(_checks(sys.argv[1])))
+    if sys.argv[1] == "generate":
+        print(json.dumps(_generate_checks(sys.argv[2])))
+    else:
+        print(json.dumps(_checks(sys.argv[1])))

@@ -174,7 +174,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
 
 _PARALLEL = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 import dataclasses, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx

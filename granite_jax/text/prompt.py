@@ -55,6 +55,7 @@ def _read_json(path: str) -> dict:
 def compile_template(source: str):
     """The chat template compiled as transformers compiles it (`_compile_jinja_template`)."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
