@@ -204,7 +204,8 @@ def main() -> None:
     )
     print(
         f"jax {version('jax')}, torch {version('torch')}, transformers {version('transformers')}; "
-        f"language model {args.lm_layers} layers, {lm_params / 1e9:.2f}B parameters read per step; {args.new_tokens} new tokens"
+        f"language model {args.lm_layers} layers, {lm_params / 1e9:.2f}B parameters read per step; "
+        f"{args.new_tokens} new tokens"
     )
     print()
     print(
