@@ -27,19 +27,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_encoder import cpu_model, peak_rss_bytes, peak_worker, version  # noqa: E402
 
-PROD_TEXT = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=40,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    max_position_embeddings=4096,
-    embedding_multiplier=12.0,
-    attention_multiplier=0.0078125,
-    residual_multiplier=0.22,
-    logits_scaling=8.0,
-    vocab_size=100353,
-)
+from granite_jax.testing.hf_llm import RELEASED_TEXT  # noqa: E402
+
+PROD_TEXT = RELEASED_TEXT
 CASES = {"10s": (1, 10.0), "30s": (1, 30.0), "8x10s": (8, 10.0), "8x30s": (8, 30.0)}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from granite_jax.checkpoint.safetensors_file import SafetensorsFile
+from granite_jax.checkpoint.store import CARRIED_FILES
 from granite_jax.convert.key_map import ConversionError
 from granite_jax.hf_config import ConfigError, has_projector, is_speech5, read_hf_config
 
@@ -28,17 +29,7 @@ FEATURE_CONFIG_FILE = "preprocessor_config.json"
 SPEECH5_HEAD = "ctc_head."  # GraniteSpeech5ForCTC's head, beside `encoder.` (absent when tied to encoder.out)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Files a whole 4.x conversion carries along: prompts and decoding, the 3.x LoRA adapter, 4.1's BPE CTC head.
-LM_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "out_llm.safetensors",
-)
+LM_FILES = CARRIED_FILES
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

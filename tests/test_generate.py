@@ -387,18 +387,10 @@ def test_production_lm_widths_with_two_layers():
     from granite_jax.models.granite import KVCache, abstract_lm_params, lm_from_params
     from granite_jax.models.granite_config import GraniteConfig
     from granite_jax.testing.hf import perturb_
+    from granite_jax.testing.hf_llm import RELEASED_TEXT
 
     hf_cfg = transformers.GraniteConfig(
-        vocab_size=100353,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=2,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        embedding_multiplier=12.0,
-        attention_multiplier=0.0078125,
-        residual_multiplier=0.22,
-        logits_scaling=8.0,
+        **dict(RELEASED_TEXT, num_hidden_layers=2),
         rope_parameters={"rope_type": "default", "rope_theta": 10000000.0},
         tie_word_embeddings=True,
     )

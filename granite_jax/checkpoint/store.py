@@ -13,7 +13,7 @@ and provenance. No pickle. Written atomically: a failed write leaves nothing beh
     DST/language_model.safetensors  its NNX variables (model.layers.0.self_attn.q_proj.kernel, ...), written
                                 one tensor at a time
     DST/tokenizer.json, chat_template.jinja, generation_config.json, adapter_*.json|safetensors, ...
-                                carried over from the source as they are (see `convert.sources.LM_FILES`)
+                                carried over from the source as they are (`CARRIED_FILES`)
     DST/granite_jax.json        format version, source, dtype, converter version, time
 
 The projector, the feature settings and the language model are additions within format version 1:
@@ -50,7 +50,7 @@ PROJECTOR_PREFIX = "projector."  # the projector's NNX paths in params.safetenso
 LANGUAGE_CONFIG_FILE = "language_config.json"
 LANGUAGE_PARAMS_FILE = "language_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # Speech 5
-CARRIED_FILES = TOKENIZER_FILES + (  # a whole 4.x model's (convert.sources.LM_FILES)
+CARRIED_FILES = TOKENIZER_FILES + (  # a whole 4.x model's
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",

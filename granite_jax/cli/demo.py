@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from granite_jax.testing.hf_llm import RELEASED_TEXT
+
 
 def _timed(fn, runs: int) -> list[float]:
     out = []
@@ -49,14 +51,8 @@ def _clip(name_or_path: str, seconds: float | None):
 # The demo's language model: the released models' width (hidden 2048, 16 heads / 4 kv heads, SwiGLU 8192,
 # Granite's multipliers), 2 layers and a small vocabulary trained here, so that it builds in seconds.
 DEMO_TEXT = dict(
-    intermediate_size=8192,
+    {k: v for k, v in RELEASED_TEXT.items() if k not in ("hidden_size", "max_position_embeddings", "vocab_size")},
     num_hidden_layers=2,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    embedding_multiplier=12.0,
-    attention_multiplier=0.0078125,
-    residual_multiplier=0.22,
-    logits_scaling=8.0,
 )
 DEMO_NEW_TOKENS = 24
 

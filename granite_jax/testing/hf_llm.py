@@ -32,6 +32,20 @@ CORPUS = [
     "please send the quarterly report to maria before friday",
     "system user assistant hello world how are you today",
 ]
+# The released 4.x language model's GraniteConfig (granite-speech-4.1-2b): production-width tests, demo, benchmark.
+RELEASED_TEXT = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=40,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+    embedding_multiplier=12.0,
+    attention_multiplier=0.0078125,
+    residual_multiplier=0.22,
+    logits_scaling=8.0,
+    vocab_size=100353,
+)
 # A small language model: every feature of the real one (GQA, biases off, Granite's multipliers).
 TINY_TEXT = dict(
     hidden_size=64,
