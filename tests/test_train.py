@@ -98,11 +98,11 @@ def _jax_step(model, batch, mid_weight, strategy=None):
     m = nnx.clone(model)
     m.train()
     if strategy is None:
-        loss, grads = nnx.value_and_grad(ctc_loss)(m, batch, mid_weight)
+        loss, grads = nnx.jit(nnx.value_and_grad(lambda m, b: ctc_loss(m, b, mid_weight)))(m, batch)
     else:
-        (loss, _), grads = nnx.value_and_grad(
-            lambda m: ctc_loss_and_metrics(m, batch, mid_weight, None, strategy), has_aux=True
-        )(m)
+        (loss, _), grads = nnx.jit(
+            nnx.value_and_grad(lambda m, b: ctc_loss_and_metrics(m, b, mid_weight, None, strategy), has_aux=True)
+        )(m, batch)
     return float(loss), hf_names(grads), hf_names(m)
 
 
@@ -184,7 +184,7 @@ def test_unalignable_utterances_contribute_nothing(pairs):
     batch["label_lengths"] = np.array([8, 2, 3], np.int32)  # 8 repeats need 15 frames > 12
     m = nnx.clone(model)
     m.train()
-    (loss, metrics), grads = nnx.value_and_grad(lambda m: ctc_loss_and_metrics(m, batch), has_aux=True)(m)
+    (loss, metrics), grads = nnx.jit(nnx.value_and_grad(ctc_loss_and_metrics, has_aux=True))(m, batch)
     assert int(metrics["unalignable"]) == 1 and np.isfinite(float(loss))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     tloss, tgrads, _ = _torch_step(ref, batch, 0.0)

@@ -55,8 +55,8 @@ def test_it_learns_the_bundled_clips_from_scratch(tmp_path):
     """A tiny encoder from random initialisation, trained until greedy CTC returns the transcripts exactly."""
     new_checkpoint(SMALL, tmp_path / "init", seed=0)
     manifest = _manifest(tmp_path / "train.json")
-    train = TrainConfig(learning_rate=3e-3, warmup_steps=10, total_steps=120, grad_clip=1.0)
-    run = RunConfig(steps=120, batch_size=3, save_every=60, seed=0)
+    train = TrainConfig(learning_rate=5e-3, warmup_steps=8, total_steps=90, grad_clip=1.0)
+    run = RunConfig(steps=90, batch_size=3, save_every=45, seed=0)
     summary = finetune(
         str(tmp_path / "init"),
         manifest,
