@@ -87,6 +87,7 @@ class Granite4:
         return model.out(hidden[..., -self.config.hidden_dim :])  # plus: the last layer comes last
 
     blank = 0
+    min_frames = 1  # the fewest input frames a row may have
 
     def text(self, tokens: Sequence[int]) -> str:
         """Emitted CTC tokens (collapsed once, `ctc.collapse`) -> text: the character heads' `chr(id)`."""
@@ -174,6 +175,11 @@ class Granite5:
     @property
     def blank(self) -> int:
         return self.config.pad_token_id
+
+    @property
+    def min_frames(self) -> int:
+        """The fewest input frames a row may have: every subsampling block needs two."""
+        return self.config.subsampling
 
     def text(self, tokens: Sequence[int]) -> str:
         """Emitted CTC tokens (collapsed once, `ctc.collapse`) -> text, by the BPE tokenizer."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +71,23 @@ def _bucket(n: int, per_octave: int = 4) -> int:
     return ladder_frames(max(int(n), 1), per_octave)
 
 
+class Language(NamedTuple):
+    """A whole 4.x checkpoint's language side, as `load` hands it to the Runner."""
+
+    model: GraniteForCausalLM
+    config: LanguageConfig
+    prompts: Callable[[], PromptBuilder] | None  # builds the prompt builder (when first needed)
+    generation_config: dict | None
+    bpe_head: tuple[np.ndarray, np.ndarray] | None = None  # 4.1's out_llm (weight (V + 1, hidden), bias)
+
+
 class Generator:
     """The language model behind jit boundaries: `prefill` and the decode loops, per rows on the mesh."""
+
+    @classmethod
+    def from_language(cls, language: Language, rows: RowMesh) -> Generator:
+        settings = DecodeSettings.from_configs(language.config, language.generation_config)
+        return cls(language.model, language.config, language.prompts, settings, rows, language.bpe_head)
 
     def __init__(
         self,

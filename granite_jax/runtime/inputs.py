@@ -6,12 +6,17 @@ everything else gets a `TypeError` or `ValueError` that names the argument, the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from granite_jax.frontend.audio import load_audio
+from granite_jax.runtime.buckets import pad_rows
+from granite_jax.runtime.results import WaveformBatch
 
 
 def as_array(x: Any, name: str) -> np.ndarray | jax.Array:
@@ -150,3 +155,43 @@ def lengths(lengths: Any, b: int, t: int, name: str = "lengths", minimum: int = 
 
 
 __all__ = ["as_array", "check_float_samples", "feature_batch", "is_float", "lengths", "waveform_rows"]
+
+
+def audio_or_paths(items: Any, sampling_rate: float, file_rate: int) -> tuple[Any, float, bool]:
+    """Waveforms as given, or audio file paths read at `file_rate`: (utterances, their rate, whether one was
+    given alone)."""
+    items = utterances(items, "waveforms_or_paths")
+    single = isinstance(items, (str, os.PathLike))
+    if single:
+        items = [items]
+    if isinstance(items, (list, tuple)) and items and all(isinstance(x, (str, os.PathLike)) for x in items):
+        return [load_audio(p, file_rate) for p in items], file_rate, single
+    return items, sampling_rate, single
+
+
+def waveform_batch(
+    waveforms: Any, sampling_rate: float, family: Any, bucket_frames: Callable[[int], int], hf: bool
+) -> WaveformBatch:
+    """Validated waveforms, zero-padded to the largest sample count of their frame bucket. In HF batch mode
+    every row counts as long as the longest (zeros inside), as transformers' extractor sees a padded batch."""
+    from granite_jax.frontend.features import prepare_waveforms  # it imports this module
+
+    waves = prepare_waveforms(waveforms, sampling_rate, family.feature_config, minimum=family.min_samples())
+    n = np.array([len(w) for w in waves], np.int32)
+    frames = np.asarray(family.frames(n)).astype(np.int32)
+    samples = pad_rows(waves, family.samples_for_frames(bucket_frames(int(frames.max()))))
+    return WaveformBatch(samples, np.full_like(n, n.max()) if hf else n, frames)
+
+
+def split_waveforms(batch: WaveformBatch, family: Any, rows: Any, hf: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(samples, sample lengths, frames) split over `rows` (a `RowMesh`). Dummy rows are silence of one frame;
+    in HF mode as long as the others, so that each device's own maximum (log_mel's hf_batch) is the batch's."""
+    dummy = int(batch.sample_lengths.max()) if hf else family.min_samples()
+    t = int(batch.frames.max())
+    # HF mode, 4.x: its encoder has no mask and sees every frame; Speech 5's takes the extractor's mask
+    frames = np.full_like(batch.frames, t) if hf and not family.masks_padding else batch.frames
+    return (
+        rows.split_rows(batch.samples),
+        rows.split_rows(batch.sample_lengths, fill=dummy),
+        rows.split_rows(frames, fill=1),
+    )

@@ -54,6 +54,15 @@ class BlockWeights:
                 del stacked
             self.blocks += [(s, list(values)) for values in zip(*columns, strict=True)]
 
+    @classmethod
+    def for_runner(cls, model: nnx.Module, layerwise: bool | BlockWeights, sharding: jax.sharding.Sharding):
+        """The Runner's blocks: those `load` made (the blocks never stacked), placed on `sharding`; the model's
+        own, moved out of its stacks, for `layerwise=True`; None to run the module as it is."""
+        if isinstance(layerwise, BlockWeights):
+            layerwise.place(sharding)
+            return layerwise
+        return cls(model) if layerwise and stacks_of(model) else None
+
     def __len__(self) -> int:
         return len(self.blocks)
 

@@ -23,8 +23,9 @@ from granite_jax.models.projector import projector_from_params
 from granite_jax.models.speech5_config import Speech5Config
 from granite_jax.runtime.buckets import BucketPolicy
 from granite_jax.runtime.devices import DeviceSpec, resolve_devices
+from granite_jax.runtime.generate import Language
 from granite_jax.runtime.layerwise import BlockWeights
-from granite_jax.runtime.runner import Language, Runner, check_chunk_blocks
+from granite_jax.runtime.runner import Runner, check_chunk_blocks
 from granite_jax.text.prompt import PromptBuilder
 from granite_jax.text.tokenizer import CTCTokenizer
 

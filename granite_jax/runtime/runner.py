@@ -7,9 +7,8 @@ and cut the result back.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,25 +16,21 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from granite_jax.frontend.config import FeatureConfig, Speech5FeatureConfig
-from granite_jax.frontend.features import prepare_waveforms
 from granite_jax.models.conformer import GraniteSpeechEncoder
 from granite_jax.models.conformer_config import EncoderConfig
-from granite_jax.models.granite import GraniteForCausalLM
-from granite_jax.models.granite_config import LanguageConfig
 from granite_jax.models.projector import GraniteSpeechProjector, num_audio_embeddings
 from granite_jax.models.projector_config import ProjectorConfig
 from granite_jax.models.speech5 import GraniteSpeech5Encoder
 from granite_jax.models.speech5_config import Speech5Config
 from granite_jax.runtime import inputs
-from granite_jax.runtime.buckets import BucketPolicy, pad_rows
+from granite_jax.runtime.buckets import BucketPolicy
 from granite_jax.runtime.compiled import Bound, Compiled
 from granite_jax.runtime.devices import DeviceSpec, RowMesh
 from granite_jax.runtime.families import Granite5, family_of
-from granite_jax.runtime.generate import DecodeSettings, GenerateResult, Generator
-from granite_jax.runtime.layerwise import BlockWeights, stacks_of
+from granite_jax.runtime.generate import GenerateResult, Generator, Language
+from granite_jax.runtime.layerwise import BlockWeights
 from granite_jax.runtime.results import EncodeResult, WaveformBatch, check_finite
 from granite_jax.text.ctc import Transcript, ctc_greedy_ids
-from granite_jax.text.prompt import PromptBuilder
 from granite_jax.text.tokenizer import CTCTokenizer
 
 BATCH_MODES = ("per_utterance", "hf")
@@ -49,26 +44,18 @@ def _batch_mode(batch_mode: str) -> bool:
 
 
 class Runner:
-    """A Granite Speech encoder (and projector, when the checkpoint has one) ready to run under `jax.jit`.
+    """A Granite Speech checkpoint ready to run under `jax.jit`: encoder, projector and language model when the
+    checkpoint has them.
 
-    - `encode(waveforms)`: audio -> log-mel -> encoder -> projector, in one compiled call.
-    - `extract_features(waveforms)`: the checkpoint's log-mel front end alone.
-    - `encode_features(features, lengths)`: log-mel -> encoder hidden states.
-    - `audio_embeddings(hidden_states, lengths)`: the projector (what Granite feeds its LLM).
-    - `ctc_logits(hidden_states)` and `ctc_greedy(...)`: the CTC head.
-    `model` (and `projector`) are the NNX modules, for probing or fine-tuning.
+    - `encode(waveforms)`: audio -> log-mel -> encoder -> projector; `extract_features`, `encode_features`,
+      `audio_embeddings`, `ctc_logits`, `ctc_greedy`: each step alone.
+    - `generate(waveforms, prompt)` and `transcribe(...)`: text (the 4.x language model, or greedy CTC).
+    `model` (and `projector`, `language_model`) are the NNX modules, for probing or fine-tuning.
 
-    `devices`: where it runs; None (default) = all of `jax.local_devices()`, an int = the first that many,
-    or a list of local devices. The parameters are replicated on them once, here: the modules' own
-    Variables, so values set later must stay so placed (`NamedSharding(self.mesh, PartitionSpec())`), and
-    of two Runners on one module the later one's devices win. Batches are split by rows over a 1-D mesh
-    with axis "batch", padded to a multiple of the device count with dummy rows that are dropped again. The
-    result is the same as on one device; it stays sharded when the batch is a multiple of the device count.
-
-    `layerwise` (what `load` passes): the runner takes the blocks' weights out of the module's stacked
-    arrays into arrays of their own and runs one compiled block per call on each (XLA CPU copies every slice
-    of stacked weights before its matmuls: see layerwise.py). The results are the same. Reading `model`
-    stacks the weights back, and the runner then runs the module as it is.
+    `devices`: None (all of `jax.local_devices()`), a count, or a list. The parameters are replicated on them
+    once, here; batches are split by rows, and every result equals one device's (docs/design.md, Devices).
+    `layerwise` (what `load` passes): each block's weights are arrays of their own and the blocks run one
+    compiled call each (layerwise.py); reading `model` stacks them back into the module.
     """
 
     def __init__(
@@ -106,24 +93,15 @@ class Runner:
         for bound in (self._encoder, self._projector):
             if bound is not None:
                 bound.place(self.rows.replicated)  # once; zero-copy when already on the one device
-        self._blocks = None
-        if isinstance(layerwise, BlockWeights):  # from `load`: the blocks never stacked
-            self._blocks = layerwise
-            self._blocks.place(self.rows.replicated)
-        elif layerwise and stacks_of(model):
-            self._blocks = BlockWeights(model)
+        self._blocks = BlockWeights.for_runner(model, layerwise, self.rows.replicated)
         self._run = Compiled(
             self.family, self._encoder, self._projector, self._blocks, self.rows, chunk_blocks, self._compute_dtype
         )
-        self.language_model, self.language_config, self._generator = None, None, None
-        if language is not None:
-            if projector is None:
-                raise ValueError("a language model needs the projector that feeds it (a whole 4.x checkpoint)")
-            self.language_model, self.language_config = language.model, language.config
-            settings = DecodeSettings.from_configs(language.config, language.generation_config)
-            self._generator = Generator(
-                language.model, language.config, language.prompts, settings, self.rows, language.bpe_head
-            )
+        if language is not None and projector is None:
+            raise ValueError("a language model needs the projector that feeds it (a whole 4.x checkpoint)")
+        self.language_model = language.model if language is not None else None
+        self.language_config = language.config if language is not None else None
+        self._generator = Generator.from_language(language, self.rows) if language is not None else None
 
     @property
     def model(self) -> GraniteSpeechEncoder | GraniteSpeech5Encoder:
@@ -185,9 +163,9 @@ class Runner:
         """
         x, squeeze = inputs.feature_batch(features, self.config.input_dim)
         b, t, _ = x.shape
-        lens = inputs.lengths(lengths, b, t, minimum=self._min_frames())
+        lens = inputs.lengths(lengths, b, t, minimum=self.family.min_frames)
         x = jnp.pad(jnp.asarray(x, self._compute_dtype), ((0, 0), (0, self.bucket_frames(t) - t), (0, 0)))
-        x, lens = self.rows.split_rows(x), self.rows.split_rows(lens, fill=self._min_frames())
+        x, lens = self.rows.split_rows(x), self.rows.split_rows(lens, fill=self.family.min_frames)
         if self._blocks is not None:
             _, finite_in, out, _, states, finite_out = self._run.layerwise(
                 x, lens, lens, hidden_states=output_hidden_states
@@ -202,10 +180,6 @@ class Runner:
         if not output_hidden_states:
             return out
         return out, self.family.cut_states(states, b, t, squeeze)
-
-    def _min_frames(self) -> int:
-        """The fewest input frames a row may have (Speech 5: every subsampling block needs two)."""
-        return getattr(self.config, "subsampling", 1)
 
     # -- hidden states -> LLM embeddings, CTC --------------------------------------------------------------
     def audio_embeddings(
@@ -274,28 +248,8 @@ class Runner:
         return ["".join(id_to_text(i) for i in r) for r in rows]
 
     # -- audio -> features, -> everything --------------------------------------------------------------------
-    def _waveform_batch(self, waveforms: Any, sampling_rate: float, hf: bool) -> WaveformBatch:
-        """Validated waveforms, zero-padded to the largest sample count of their frame bucket."""
-        fam = self.family
-        waves = prepare_waveforms(waveforms, sampling_rate, self.feature_config, minimum=fam.min_samples())
-        n = np.array([len(w) for w in waves], np.int32)
-        frames = np.asarray(fam.frames(n)).astype(np.int32)
-        samples = pad_rows(waves, fam.samples_for_frames(self.bucket_frames(int(frames.max()))))
-        # HF mode: every row is as long as the longest (zeros inside)
-        return WaveformBatch(samples, np.full_like(n, n.max()) if hf else n, frames)
-
-    def _split(self, batch: WaveformBatch, hf: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The batch over the devices. Dummy rows are silence of one frame; in HF mode as long as the others,
-        so that each device's own maximum (log_mel's hf_batch) is the batch's."""
-        dummy = int(batch.sample_lengths.max()) if hf else self.family.min_samples()
-        t = int(batch.frames.max())
-        # HF mode, 4.x: its encoder has no mask and sees every frame; Speech 5's takes the extractor's mask
-        frames = np.full_like(batch.frames, t) if hf and not self.family.masks_padding else batch.frames
-        return (
-            self.rows.split_rows(batch.samples),
-            self.rows.split_rows(batch.sample_lengths, fill=dummy),
-            self.rows.split_rows(frames, fill=1),
-        )
+    def _waveforms(self, waveforms: Any, sampling_rate: float, hf: bool) -> WaveformBatch:
+        return inputs.waveform_batch(waveforms, sampling_rate, self.family, self.bucket_frames, hf)
 
     def extract_features(
         self, waveforms: Any, sampling_rate: float = 16000, *, batch_mode: str = "per_utterance"
@@ -305,8 +259,8 @@ class Runner:
         Like `granite_jax.extract_features`, with this checkpoint's feature settings and buckets.
         """
         hf = _batch_mode(batch_mode)
-        batch = self._waveform_batch(waveforms, sampling_rate, hf)
-        samples, sample_lengths, _ = self._split(batch, hf)
+        batch = self._waveforms(waveforms, sampling_rate, hf)
+        samples, sample_lengths, _ = inputs.split_waveforms(batch, self.family, self.rows, hf)
         features = self._run.features(samples, sample_lengths, hf_batch=hf)
         return features[: len(batch.frames), : int(batch.frames.max())], batch.frames
 
@@ -334,17 +288,16 @@ class Runner:
                 f"this encoder takes input_dim={self.config.input_dim} features, not the "
                 f"{self.feature_config.feature_dim} of its log-mel front end: use encode_features"
             )
-        batch = self._waveform_batch(waveforms, sampling_rate, hf)
+        batch = self._waveforms(waveforms, sampling_rate, hf)
+        split = inputs.split_waveforms(batch, self.family, self.rows, hf)
         with_projector = embeddings and self.projector is not None
         flags = dict(hf_batch=hf, with_projector=with_projector, hidden_states=output_hidden_states)
         if self._blocks is not None:
-            features, _, hidden, emb, states, finite = self._run.layerwise(
-                *self._split(batch, hf), waveforms=True, **flags
-            )
+            features, _, hidden, emb, states, finite = self._run.layerwise(*split, waveforms=True, **flags)
         else:
             proj_values = self._projector.values() if with_projector else None
             features, hidden, emb, states, finite = self._run.encode(
-                self._encoder.values(), proj_values, *self._split(batch, hf), **flags
+                self._encoder.values(), proj_values, *split, **flags
             )
         b, t = len(batch.frames), int(batch.frames.max())
         check_finite(np.ones(b, bool), finite[:b], "waveforms", "encoder or projector output")
@@ -413,15 +366,9 @@ class Runner:
         each token's and word's start and end from the CTC alignment (one output frame is
         `frame_seconds`: 80 ms for Speech 5, 20 ms for 4.x).
         """
-        items = inputs.utterances(waveforms_or_paths, "waveforms_or_paths")
-        single = isinstance(items, (str, os.PathLike))
-        if single:
-            items = [items]
-        if isinstance(items, (list, tuple)) and items and all(isinstance(x, (str, os.PathLike)) for x in items):
-            from granite_jax.frontend.audio import load_audio
-
-            sampling_rate = self.feature_config.sampling_rate
-            items = [load_audio(p, sampling_rate) for p in items]
+        items, sampling_rate, single = inputs.audio_or_paths(
+            waveforms_or_paths, sampling_rate, self.feature_config.sampling_rate
+        )
         if self._generator is not None and not timestamps:
             texts = self.generate(items, sampling_rate=sampling_rate).texts
             return texts[0] if single else texts
@@ -453,16 +400,6 @@ class Runner:
 
 
 GraniteEncoder = Runner  # the earlier name
-
-
-class Language(NamedTuple):
-    """A whole 4.x checkpoint's language side, as `load` hands it to the Runner."""
-
-    model: GraniteForCausalLM
-    config: LanguageConfig
-    prompts: Callable[[], PromptBuilder] | None  # builds the prompt builder (when first needed)
-    generation_config: dict | None
-    bpe_head: tuple[np.ndarray, np.ndarray] | None = None  # 4.1's out_llm (weight (V + 1, hidden), bias)
 
 
 def check_chunk_blocks(chunk_blocks: Any) -> None:
