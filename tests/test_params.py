@@ -64,3 +64,29 @@ def test_a_missing_or_misshapen_layer_is_named(model):
     params[f"layers.2.{KERNEL}"] = params[f"layers.2.{KERNEL}"][:, :-1]
     with pytest.raises(ValueError, match=rf"layers\.2\.{KERNEL}: shape .* config expects"):
         encoder_from_params(CFG, params)
+
+
+def test_weights_read_from_a_checkpoint_are_held_once(tmp_path, model):
+    """A tensor read from a checkpoint file becomes the CPU device buffer in place (64-byte aligned, so XLA
+    takes it as it is); arrays the caller still owns (a torch tensor's view, say) are copied."""
+    from granite_jax.checkpoint import store
+    from granite_jax.checkpoint.safetensors_file import aligned_empty
+
+    for shape, dtype in [((3, 5), np.float32), ((7,), np.int8), ((0, 4), np.float32), ((), np.float64)]:
+        a = aligned_empty(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and (a.size == 0 or a.ctypes.data % 64 == 0)
+    store.save(tmp_path / "ck", CFG, params_of(model), {"source": "test"})
+    lazy = store.load(tmp_path / "ck").params
+    assert lazy.fresh_arrays
+    loaded = encoder_from_params(CFG, lazy)
+    np.testing.assert_array_equal(np.asarray(loaded.input_linear.kernel[...]), model.input_linear.kernel[...])
+    on_cpu = jax.default_backend() == "cpu"
+    kernel = lazy["input_linear.kernel"]
+    from granite_jax.checkpoint.params import _on_device
+
+    held = _on_device(kernel, np.float32, fresh=True)
+    assert (held.unsafe_buffer_pointer() == kernel.ctypes.data) == on_cpu  # in place on CPU
+    copied = _on_device(kernel, np.float32, fresh=False)
+    assert copied.unsafe_buffer_pointer() != kernel.ctypes.data
+    kernel[...] = 7.0  # the owner changes its array: a copy does not see it
+    assert not np.any(np.asarray(copied) == 7.0)

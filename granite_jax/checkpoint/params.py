@@ -66,6 +66,7 @@ def module_from_params(
     receives each stacked variable's layers as arrays of their own ({path: [array per index]}) while the
     module's variable holds an empty placeholder (the layerwise runner's weights, never stacked).
     """
+    fresh = getattr(params, "fresh_arrays", False)  # each read a new array: it may become the device buffer
     model = nnx.eval_shape(make)
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
@@ -85,7 +86,7 @@ def module_from_params(
             expected = want.shape if i is None else want.shape[1:]
             if value.shape != expected:
                 raise ValueError(f"{what}{name}: shape {value.shape}, config expects {expected}")
-            value = jnp.asarray(value, dtype=want.dtype)
+            value = _on_device(value, want.dtype, fresh)
             if apart:
                 parts.append(value)
             else:
@@ -99,6 +100,15 @@ def module_from_params(
         leaves.append((path, var.replace(stack)))
         del stack, parts
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def _on_device(value: np.ndarray, dtype, fresh: bool) -> jax.Array:
+    """`value` as a jax array of `dtype`. A fresh array (read for this call alone) of that dtype is taken in
+    place where the device allows (XLA CPU, 64-byte aligned: see `aligned_empty`), so it is never held twice;
+    anything else is copied, as it may be a view of memory that its owner still changes (a torch tensor)."""
+    if fresh and value.dtype == np.dtype(dtype):
+        return jax.device_put(value)
+    return jnp.array(value, dtype=dtype, copy=True)  # jnp.asarray(value, dtype) would take an aligned one in place
 
 
 @functools.partial(jax.jit, donate_argnums=0)

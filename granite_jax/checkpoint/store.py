@@ -194,8 +194,11 @@ def check_destination(dst: str | os.PathLike, overwrite: bool) -> str:
 class LazyParams(Mapping):
     """{path: array} over a params.safetensors file, each tensor read only when asked for.
 
-    With `prefix`, only the tensors under it (the prefix stripped); `exclude` drops those under it.
+    With `prefix`, only the tensors under it (the prefix stripped); `exclude` drops those under it. Each read
+    is a fresh array that nothing else holds (`fresh_arrays`): a module built from it may keep it as its own.
     """
+
+    fresh_arrays = True
 
     def __init__(self, file: str | SafetensorsFile, *, prefix: str = "", exclude: str | None = None):
         self._file = file if isinstance(file, SafetensorsFile) else SafetensorsFile(file)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from granite_jax.checkpoint.safetensors_file import aligned_empty
+
 
 def ladder_frames(t: int, per_octave: int = 8) -> int:
     """Smallest m * 2^e >= t with per_octave <= m < 2 * per_octave: 8, 9, ..., 15, 16, 18, ..., 30, 32, 36, ...
@@ -74,8 +76,10 @@ def samples_for_frames(frames: int, hop_length: int) -> int:
 
 
 def pad_rows(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
-    """1-D float32 rows zero-padded into one (len(rows), length) array."""
-    batch = np.zeros((len(rows), length), np.float32)
+    """1-D float32 rows zero-padded into one (len(rows), length) array, 64-byte aligned: XLA's CPU client
+    then takes it as it is (an hour of audio is 230 MB)."""
+    batch = aligned_empty((len(rows), length), np.float32)
     for i, w in enumerate(rows):
         batch[i, : len(w)] = w
+        batch[i, len(w) :] = 0.0
     return batch
