@@ -2,9 +2,9 @@
 
 `--model granite-speech` (default): the production 4.x encoder (16 x 1024, random weights) plus a 2-layer
 1024-wide Q-Former projector; `--model speech5`: the production Granite Speech 5 (TurboCTC) encoder and its
-CTC logits. fp32, CPU. Each length runs in its own process, so peak RSS is that call's: weights, the input
-waveform, features, hidden states, outputs and XLA's temporaries. Memory beyond the weights should grow
-linearly with length.
+CTC head's greedy ids (`Runner.ctc_frame_ids`). fp32, CPU. Each length runs in its own process, so peak RSS
+is that call's: weights, the input waveform, features, hidden states, outputs and XLA's temporaries. Memory
+beyond the weights should grow linearly with length.
 
     python benchmarks/longform_memory.py                      # ~20 min on 2 cores (the hour is ~15 of them)
     python benchmarks/longform_memory.py --minutes 1 5 --layers 2 --model speech5
@@ -71,8 +71,9 @@ def child(path: str, minutes: float) -> None:
     wave = (0.1 * np.random.default_rng(0).standard_normal(int(minutes * 60 * SR))).astype(np.float32)
     t0 = time.perf_counter()
     res = model.encode(wave)
-    # Speech 5 has no projector: its output is the CTC logits
-    out = model.ctc_logits(res.hidden_states) if model.projector is None else res.audio_embeddings
+    # Speech 5 has no projector: its output is the CTC head's greedy ids (argmax in tiles; the whole file's
+    # vocabulary-wide logits would be 2.9 GB an hour)
+    out = model.ctc_frame_ids(res.hidden_states) if model.projector is None else res.audio_embeddings
     jax.block_until_ready((res.hidden_states, out))
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -124,7 +125,7 @@ def main() -> None:
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     gb = 1e9
-    what = "Granite Speech 5 encoder + CTC logits" if args.model == "speech5" else "x 1024 + projector"
+    what = "Granite Speech 5 encoder + greedy CTC ids" if args.model == "speech5" else "x 1024 + projector"
     print(
         f"\nencode(waveform), {args.layers} layers {what}, fp32, jax {jax.__version__} on "
         f"{jax.default_backend()}, {os.cpu_count()} CPUs; one call per length, each in its own process\n"

@@ -192,6 +192,45 @@ def test_logits_equal_transformers_around_every_boundary(pairs, name):
         np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
 
+def _tile_edge_counts(cfg: Speech5Config, span: int) -> list[int]:
+    """A few input frame counts whose frames at every resolution (each more than a tile) fall on a tile's edge,
+    one past it and one before."""
+    levels = len(cfg.subsample_layers) + 1
+    need = {(k, r) for k in range(levels) for r in (0, 1, span - 1)}
+    counts = []
+    for t in range(span * cfg.subsampling + 1, 16 * span * cfg.subsampling):  # tiled at every resolution
+        new = {(k, t // 2**k % span) for k in range(levels)} & need
+        if new:
+            counts.append(t)
+            need -= new
+    assert not need, need
+    return counts
+
+
+@pytest.mark.parametrize("name", ["subsample_1_3", "context_5"])  # every block kind; an odd context
+def test_tiles_equal_untiled_and_transformers_at_every_resolution(pairs, name):
+    """chunk_blocks=1: every block kind in tiles of one attention block's frames (even), the conv's halo read
+    across tile edges, the stride-2 conv and the pair pooling at each edge, the trailing odd frame, rows of
+    different lengths; the CTC head's argmax in tiles too."""
+    ref, model, _ = pairs(name)
+    cfg = model.config
+    tiled = granite_jax.load(model.tokenizer.source, chunk_blocks=1)
+    whole = granite_jax.load(model.tokenizer.source, chunk_blocks=None)
+    span = tiled.family.tile_frames(1)
+    assert tiled.layerwise and span % 2 == 0 and span % cfg.context_size == 0
+    rng = np.random.default_rng(21)
+    for t in _tile_edge_counts(cfg, span):
+        x = rng.standard_normal((3, t, cfg.input_dim)).astype(np.float32)
+        lengths = [t, t - 2 * cfg.subsampling - 1, t // 2 + 1]
+        got, want = tiled.encode_features(x, lengths), whole.encode_features(x, lengths)
+        assert got.shape == want.shape and rel_err(got, want) < 1e-5, (t, rel_err(got, want))
+        out = tiled.output_lengths(lengths)
+        assert tiled.ctc_greedy(got, out) == whole.ctc_greedy(want, out)
+        np.testing.assert_array_equal(tiled.ctc_frame_ids(got), np.asarray(tiled.ctc_logits(got)).argmax(-1))
+        logits = np.asarray(tiled.ctc_logits(tiled.encode_features(x)))
+        assert rel_err(logits, _logits(ref, x)) < TOL, t
+
+
 @pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
 def test_transcripts_equal_generate_and_batch_decode(pairs, kind):
     """`transcribe` equals processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)."""

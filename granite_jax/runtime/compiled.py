@@ -104,6 +104,7 @@ class Compiled:
         )
         self.project = jit(self._project, (R, ROWS, ROWS), out_shardings=rows.rows)
         self.ctc = jit(self._ctc, (R, ROWS, ROWS))
+        self.ctc_ids = jit(self._ctc_ids, (R, ROWS, ROWS))
         self.begin = jit(
             self._begin,
             (R, ROWS, ROWS, ROWS),
@@ -177,6 +178,27 @@ class Compiled:
         emb = self.projector.merge(values)(masked(h, valid))
         counts = embedding_counts(frame_lengths, self.projector.module.config)
         return emb, finite_rows(h, valid), finite_rows(emb, valid_mask(counts, emb.shape[1]))
+
+    def _ctc_ids(self, values, hidden_states, frame_lengths):
+        """The CTC head's per-frame argmax, in tiles of frames (the vocabulary-wide logits are never held for
+        the whole input), and whether each row's hidden states and logits are finite."""
+        model = self.encoder.merge(values)
+        b, t, d = hidden_states.shape
+        span = min(t, self.family.tile_frames(self.chunk_blocks) or t)
+        per_row = -(-t // span)
+        h = jnp.pad(hidden_states, ((0, 0), (0, per_row * span - t), (0, 0)))
+
+        def tile(k, acc):
+            ids, finite = acc
+            r, s = k // per_row, k % per_row * span
+            logits = self.family.ctc_logits(model, jax.lax.dynamic_slice(h, (r, s, 0), (1, span, d)))
+            ids = jax.lax.dynamic_update_slice(ids, jnp.argmax(logits, axis=-1).astype(jnp.int32), (r, s))
+            return ids, jax.lax.dynamic_update_slice(finite, jnp.isfinite(logits).all(axis=-1), (r, s))
+
+        init = (jnp.zeros((b, per_row * span), jnp.int32), jnp.ones((b, per_row * span), bool))
+        ids, finite = jax.lax.fori_loop(0, b * per_row, tile, init)
+        valid = valid_mask(frame_lengths, t)
+        return ids[:, :t], finite_rows(hidden_states, valid), (finite[:, :t] | ~valid).all(axis=1)
 
     def _ctc(self, values, hidden_states, frame_lengths):
         valid = valid_mask(frame_lengths, hidden_states.shape[1])

@@ -19,6 +19,7 @@ from granite_jax.frontend.features import log_mel, min_samples, num_encoder_fram
 from granite_jax.models import speech5
 from granite_jax.models.conformer import EncoderOutput, masked
 from granite_jax.runtime import tiling
+from granite_jax.runtime.tiling5 import tiled_block_step
 from granite_jax.text.ctc import Transcript, align
 from granite_jax.text.tokenizer import CTCTokenizer
 
@@ -88,6 +89,10 @@ class Granite4:
 
     blank = 0
     min_frames = 1  # the fewest input frames a row may have
+
+    def tile_frames(self, chunk_blocks: int | None) -> int | None:
+        """Frames per tile: `chunk_blocks` attention blocks (None: untiled)."""
+        return None if chunk_blocks is None else chunk_blocks * self.config.context_size
 
     def text(self, tokens: Sequence[int]) -> str:
         """Emitted CTC tokens (collapsed once, `ctc.collapse`) -> text: the character heads' `chr(id)`."""
@@ -159,6 +164,9 @@ class Granite5:
 
     def step(self, model, block, carry, aux, i, kind, chunk_blocks, hidden_states: bool = False):
         """Block i: (carry, its own output as HF's hidden_states keep it, or None)."""
+        span = self.tile_frames(chunk_blocks)
+        if span is not None and not hidden_states and carry[0].shape[1] > span:  # long: in tiles, as the same
+            return tiled_block_step(model, block, *carry, i, kind[1], span), None
         x, valid, own, _ = model.block_step(block, *carry, i, kind[1])
         return (x, valid), own if hidden_states else None
 
@@ -180,6 +188,14 @@ class Granite5:
     def min_frames(self) -> int:
         """The fewest input frames a row may have: every subsampling block needs two."""
         return self.config.subsampling
+
+    def tile_frames(self, chunk_blocks: int | None) -> int | None:
+        """Frames per tile at every resolution: `chunk_blocks` attention blocks, rounded up to an even count
+        (a subsampling block pools pairs). None: untiled."""
+        if chunk_blocks is None:
+            return None
+        span = chunk_blocks * self.config.context_size
+        return span + span % 2 * span
 
     def text(self, tokens: Sequence[int]) -> str:
         """Emitted CTC tokens (collapsed once, `ctc.collapse`) -> text, by the BPE tokenizer."""

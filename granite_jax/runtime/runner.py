@@ -231,8 +231,16 @@ class Runner:
 
         4.x: `id_to_text` maps each emitted id (default `chr`); Speech 5: the BPE tokenizer (it does not apply).
         """
-        ids = jnp.argmax(self.ctc_logits(hidden_states), axis=-1)
-        return self.ctc_decode(np.asarray(ids).reshape(-1, ids.shape[-1]), lengths, id_to_text=id_to_text)
+        return self.ctc_decode(self.ctc_frame_ids(hidden_states), lengths, id_to_text=id_to_text)
+
+    def ctc_frame_ids(self, hidden_states: Float[Array, "b t w"] | np.ndarray) -> np.ndarray:
+        """The CTC head's per-frame argmax (B, T), computed in tiles (never the whole input's logits)."""
+        h, _ = inputs.feature_batch(hidden_states, self.config.output_width, "hidden_states", "output_width")
+        b, t = h.shape[:2]
+        h = jnp.pad(jnp.asarray(h, self._compute_dtype), ((0, 0), (0, self.bucket_frames(t) - t), (0, 0)))
+        ids, finite_in, finite_out = self._run.ctc_ids(self._encoder.values(), h, np.full(b, t, np.int32))
+        check_finite(finite_in, finite_out, "hidden_states", "CTC logits")
+        return np.asarray(ids)[:, :t]
 
     def ctc_decode(
         self,
@@ -376,7 +384,7 @@ class Runner:
         if not timestamps:
             texts = self.ctc_greedy(res.hidden_states, res.lengths)
             return texts[0] if single else texts
-        ids = np.asarray(jnp.argmax(self.ctc_logits(res.hidden_states), axis=-1))
+        ids = self.ctc_frame_ids(res.hidden_states)
         out = [self.family.align(ids[i, :n]) for i, n in enumerate(res.lengths)]
         return out[0] if single else out
 
