@@ -46,6 +46,7 @@ CASES: dict[str, tuple[int, int]] = {  # name -> (batch, seconds of audio per ro
 DEFAULT_CASES = ("10s", "30s", "120s", "8x30s")
 CHECK_CASE = "10s"  # the case whose outputs are compared between torch and jax
 SIDES = ("torch", "jax")
+COMPILED = "torch-compile"  # torch.compile (inductor), with --torch-compile: minutes to compile on CPU
 GB = 1024**3
 
 
@@ -217,7 +218,7 @@ def worker(
     rss_start = current_rss_bytes()
     last: dict[str, np.ndarray] = {}
 
-    if side == "torch":
+    if side in ("torch", COMPILED):
         import torch
         from transformers import GraniteSpeechCTCEncoder
 
@@ -236,6 +237,8 @@ def worker(
         with torch.inference_mode():
             for t in (*model.parameters(), *model.buffers()):
                 t.sum()
+        if side == COMPILED:
+            model = torch.compile(model)
         load_s = time.perf_counter() - t0
         x = torch.from_numpy(features).to(torch_device, tdtype)
 
@@ -248,7 +251,8 @@ def worker(
         def to_numpy() -> np.ndarray:
             return last["out"].float().cpu().numpy()
 
-        extra = {"torch_threads": torch.get_num_threads(), "backend": f"torch {torch_device}, {torch_dtype}"}
+        compiled = ", torch.compile (inductor)" if side == COMPILED else ""
+        extra = {"torch_threads": torch.get_num_threads(), "backend": f"torch {torch_device}, {torch_dtype}{compiled}"}
     elif side == "jax":
         import jax
 
@@ -403,7 +407,10 @@ def format_table(results: dict[str, dict[str, dict]], flops_frame: float, peak_g
         "| jax GFLOP/s | % of jnp.dot | jax compile s | jax first call s over median | torch peak RSS GB "
         "| jax peak RSS GB | RSS ratio (jax/torch) |"
     )
-    rows = [head, "|" + "---|" * 13]
+    with_compiled = any(COMPILED in sides for sides in results.values())
+    if with_compiled:
+        head += " torch.compile median s | speed-up (torch.compile/jax) | torch.compile first call s |"
+    rows = [head, "|" + "---|" * (16 if with_compiled else 13)]
     for case, sides in results.items():
         t, j = sides["torch"], sides["jax"]
         ok_t, ok_j = "error" not in t, "error" not in j
@@ -429,10 +436,19 @@ def format_table(results: dict[str, dict[str, dict]], flops_frame: float, peak_g
                     _gb(j["peak_rss_bytes"]) if ok_j else na,
                     f"{j['peak_rss_bytes'] / t['peak_rss_bytes']:.2f}" if ok_t and ok_j else na,
                 ]
+                + (_compiled_cells(sides.get(COMPILED), j) if with_compiled else [])
             )
             + " |"
         )
     return "\n".join(rows)
+
+
+def _compiled_cells(c: dict, j: dict) -> list[str]:
+    """torch.compile's median, jax's speed-up over it, and its first call (inductor's compile)."""
+    if c is None or "error" in c:
+        return ["FAILED", "n/a", "n/a"]
+    up = f"{c['median_s'] / j['median_s']:.2f}x" if "error" not in j else "n/a"
+    return [_timing(c), up, f"{c['first_s']:.1f}"]
 
 
 def format_memory(results: dict[str, dict[str, dict]]) -> list[str]:
@@ -545,9 +561,9 @@ def main_parent(args: argparse.Namespace) -> int:
 
         for case in cases:
             results[case] = {}
-            for side in SIDES:
+            for side in SIDES + ((COMPILED,) if args.torch_compile else ()):
                 save = os.path.join(tmp, f"{side}_{case}.npy") if args.check and case == CHECK_CASE else None
-                ckpt = hf_dir if side == "torch" else jax_dir
+                ckpt = jax_dir if side == "jax" else hf_dir
                 print(f"  running {side:5s} {case} ...", end="", file=sys.stderr, flush=True)
                 r = run_worker(side, case, ckpt, args, save)
                 results[case][side] = r
@@ -564,6 +580,7 @@ def main_parent(args: argparse.Namespace) -> int:
         print(f"- jax backend: {backend}")
     print(*format_memory(results), sep="\n")
     print()
+    print(f"{info['cpu']}, {info['cores']} cores:\n")  # beside the table: machines differ between runs
     print(format_table(results, flops_frame, peak_gflops))
     print()
     padded = [
@@ -629,7 +646,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, metavar="PATH", help="write the raw results as JSON")
     p.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     # internal: one worker process
-    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="also time torch.compile (inductor) in its own process (its first call takes minutes on CPU)",
+    )
+    p.add_argument("--worker", choices=(*SIDES, COMPILED), help=argparse.SUPPRESS)
     p.add_argument("--case", choices=tuple(CASES), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
