@@ -12,11 +12,15 @@ import os
 # each one preallocate most of its memory. Must be set before jax is imported.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-# The tests' models are tiny, so their time goes to XLA compiles. Two CPU codegen settings cut a compile by
-# about half: LLVM at -O0, and the classic fusion emitters (the HLO passes and the library matmuls are the same).
+# The tests' models are tiny, so their time goes to XLA compiles. Three CPU codegen settings cut a compile by
+# more than half: LLVM at -O0, the classic fusion emitters (the HLO passes and the library matmuls are the same),
+# and each program's LLVM module compiled in one piece (the split into 32 parallel pieces only adds work when the
+# two xdist workers already use both cores).
 # Subprocesses and notebook kernels inherit them. The CLI demo test runs with XLA's defaults, the settings users
 # get (tests/test_cli.py). GRANITE_JAX_TEST_XLA_DEFAULTS=1 keeps the defaults everywhere.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+TEST_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+)
 if os.environ.get("GRANITE_JAX_TEST_XLA_DEFAULTS") != "1" and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import granite_jax
-from granite_jax.testing import TINY, convert_cli, rel_err
+from granite_jax.testing import TINY, convert_cli, jit_call, rel_err
 
 pytestmark = pytest.mark.torch
 CFG = dataclasses.replace(TINY, input_dim=160, num_layers=2)
@@ -71,12 +71,12 @@ def test_lm_logits_equal_granite_for_causal_lm(pairs, name):
     with torch.no_grad():
         want = hf_lm(inputs_embeds=torch.from_numpy(x)).logits.numpy()
     lm = runner.language_model
-    hidden, _ = lm(jnp.asarray(x), jnp.zeros(2, jnp.int32))
-    assert rel_err(lm.logits(hidden), want) < 1e-4
+    hidden, _ = jit_call(lm)(jnp.asarray(x), jnp.zeros(2, jnp.int32))
+    assert rel_err(jit_call(lm, "logits")(hidden), want) < 1e-4
     # the speech model's own forward applies lm_head without the division (transformers 5.24)
     with torch.no_grad():
         raw = model.lm_head(hf_lm.model(inputs_embeds=torch.from_numpy(x)).last_hidden_state).numpy()
-    assert rel_err(lm.head(hidden), raw) < 1e-4
+    assert rel_err(jit_call(lm, "head")(hidden), raw) < 1e-4
 
 
 def test_lm_with_a_cache_equals_whole_sequences(pairs):
@@ -86,7 +86,7 @@ def test_lm_with_a_cache_equals_whole_sequences(pairs):
     from granite_jax.models.granite import KVCache
 
     _, _, runner = pairs("tied_kv2")
-    lm, cfg = runner.language_model, runner.language_config.text
+    lm, cfg = jit_call(runner.language_model), runner.language_config.text
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 9, cfg.hidden_size)), jnp.float32)
     whole, _ = lm(x, jnp.zeros(2, jnp.int32))
     cache = KVCache.zeros(cfg, 2, 12, jnp.float32)
@@ -96,6 +96,46 @@ def test_lm_with_a_cache_equals_whole_sequences(pairs):
         h, cache = lm(x[:, t : t + 1], jnp.full(2, t, jnp.int32), cache)
         steps.append(h)
     assert rel_err(jnp.concatenate(steps, axis=1), whole) < 1e-5
+
+
+def test_greedy_and_speculative_loops_update_the_cache_in_place(pairs):
+    """The decode loops take over prefill's KV cache (donated, handed back): XLA aliases it to the output, and
+    the program holds a whole cache less (temporaries and outputs) than the same program without donation."""
+    import jax
+    import jax.numpy as jnp
+
+    from granite_jax.models.granite import KVCache
+    from granite_jax.runtime.devices import REPLICATED as R
+    from granite_jax.runtime.devices import ROWS
+    from granite_jax.runtime.generate import _bucket
+
+    _, _, runner = pairs("tied_kv2")
+    gen = runner._generator
+    hidden = runner.language_config.text.hidden_size
+    ids, audio, lengths, cache_length = gen.batch([[1] * 40] * 8, np.zeros((8, 3, hidden), np.float32), 400)
+    values, split = gen.bound.values(), gen.rows.split_rows
+    _, cache = gen._prefill(values, split(ids), split(audio), split(lengths), cache_length=cache_length)
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+    first, eos = jnp.zeros(len(lengths), jnp.int32), jnp.asarray(gen.settings.eos, jnp.int32)
+    args = (values, cache, first, split(lengths), eos, split(gen.limits(8, len(lengths), 400)))
+    drafts = split(np.full((len(lengths), 8), -1, np.int32))
+    kv = KVCache(ROWS, ROWS)
+    kept = {
+        "greedy": gen.rows.jit(gen._greedy_rows, (R, kv, ROWS, ROWS, R, ROWS), (ROWS, ROWS, kv), static=("steps",)),
+        "speculative": gen.rows.jit(
+            gen._speculative_rows, (R, kv, ROWS, ROWS, R, ROWS, ROWS), (ROWS,) * 4 + (kv,), static=("steps", "chunk")
+        ),
+    }
+    for name, donated, extra, static in (
+        ("greedy", gen._greedy, (), dict(steps=_bucket(400))),
+        ("speculative", gen._speculative, (drafts,), dict(steps=_bucket(400), chunk=8)),
+    ):
+        memory = donated.lower(*args, *extra, **static).compile().memory_analysis()
+        copied = kept[name].lower(*args, *extra, **static).compile().memory_analysis()
+        assert memory.alias_size_in_bytes >= cache_bytes, name
+        assert copied.alias_size_in_bytes == 0, name
+        held = [m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes for m in (memory, copied)]
+        assert held[0] + cache_bytes <= held[1], (name, held, cache_bytes)
 
 
 # -- greedy against transformers' generate --------------------------------------------------------------------------
@@ -274,9 +314,9 @@ def test_bf16_logits_error_is_small(pairs, tmp_path):
     _, _, full = pairs("tied_kv2")
     half = granite_jax.load(os.path.join(os.path.dirname(full.provenance["source"]), "gj"), dtype="bfloat16")
     x = np.random.default_rng(4).standard_normal((1, 20, full.language_config.text.hidden_size)).astype(np.float32)
-    a, _ = full.language_model(jnp.asarray(x), jnp.zeros(1, jnp.int32))
-    b, _ = half.language_model(jnp.asarray(x, jnp.bfloat16), jnp.zeros(1, jnp.int32))
-    err = rel_err(half.language_model.logits(b), full.language_model.logits(a))
+    a, _ = jit_call(full.language_model)(jnp.asarray(x), jnp.zeros(1, jnp.int32))
+    b, _ = jit_call(half.language_model)(jnp.asarray(x, jnp.bfloat16), jnp.zeros(1, jnp.int32))
+    err = rel_err(jit_call(half.language_model, "logits")(b), jit_call(full.language_model, "logits")(a))
     print(f"\nbf16 language model logits, relative error against fp32: {err:.2e}")
     assert err < 5e-2
 
@@ -400,17 +440,18 @@ def test_production_lm_widths_with_two_layers():
     cfg = GraniteConfig.from_hf_config(hf_cfg.to_dict())
     state = {k: v.numpy() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
     expected = {k: (v.shape, np.dtype(np.float32)) for k, v in abstract_lm_params(cfg).items()}
-    lm = lm_from_params(cfg, hf_to_flax(state, state.__getitem__, expected, table=LM_KEYS))
+    module = lm_from_params(cfg, hf_to_flax(state, state.__getitem__, expected, table=LM_KEYS))
+    lm, logits = jit_call(module), jit_call(module, "logits")
     del state
     x = np.random.default_rng(0).standard_normal((2, 21, 2048)).astype(np.float32)
     with torch.no_grad():
         want = ref(inputs_embeds=torch.from_numpy(x)).logits.numpy()
     hidden, _ = lm(jnp.asarray(x), jnp.zeros(2, jnp.int32))
-    assert rel_err(lm.logits(hidden), want) < 1e-4
+    assert rel_err(logits(hidden), want) < 1e-4
     cache = KVCache.zeros(cfg, 2, 24, jnp.float32)
     first, cache = lm(jnp.asarray(x[:, :17]), jnp.zeros(2, jnp.int32), cache)
     rest = []
     for t in range(17, 21):
         h, cache = lm(jnp.asarray(x[:, t : t + 1]), jnp.full(2, t, jnp.int32), cache)
         rest.append(h)
-    assert rel_err(lm.logits(jnp.concatenate([first, *rest], axis=1)), want) < 1e-4
+    assert rel_err(logits(jnp.concatenate([first, *rest], axis=1)), want) < 1e-4

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import granite_jax
-from granite_jax.testing import TINY, convert_cli, rel_err
+from granite_jax.testing import TINY, convert_cli, jit_call, rel_err
 from granite_jax.testing.hf import make_hf_checkpoint
 
 pytestmark = pytest.mark.torch
@@ -50,7 +50,7 @@ def test_feed_forward(pair, t):
     for name in ("ff1", "ff2"):
         with torch.no_grad():
             want = getattr(ref.layers[1], name)(_t(x)).numpy()
-        got = getattr(model.layer(1), name)(jnp.asarray(x))
+        got = jit_call(getattr(model.layer(1), name))(jnp.asarray(x))
         assert rel_err(got, want) < TOL
 
 
@@ -61,7 +61,7 @@ def test_attention(pair, t):
     with torch.no_grad():
         want = ref.layers[0].attn(_t(x), attention_dists=ref.attention_dists).numpy()
     xp, valid = _padded(x, CFG.context_size)
-    got = np.asarray(model.layer(0).attn(xp, valid))[:, :t]
+    got = np.asarray(jit_call(model.layer(0).attn)(xp, valid))[:, :t]
     assert rel_err(got, want) < TOL
 
 
@@ -71,7 +71,7 @@ def test_conv_module(pair, t):
     x = np.random.default_rng(t).standard_normal((2, t, CFG.hidden_dim)).astype(np.float32)
     with torch.no_grad():
         want = ref.layers[0].conv(_t(x)).numpy()
-    got = model.layer(0).conv(jnp.asarray(x), jnp.ones((2, t), bool))
+    got = jit_call(model.layer(0).conv)(jnp.asarray(x), jnp.ones((2, t), bool))
     assert rel_err(got, want) < TOL
 
 
@@ -82,7 +82,7 @@ def test_block(pair, t):
     with torch.no_grad():
         want = ref.layers[1](_t(x), attention_dists=ref.attention_dists).numpy()
     xp, valid = _padded(x, CFG.context_size)
-    got = np.asarray(model.layer(1)(xp, valid))[:, :t]
+    got = np.asarray(jit_call(model.layer(1))(xp, valid))[:, :t]
     assert rel_err(got, want) < TOL
 
 

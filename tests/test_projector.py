@@ -31,7 +31,7 @@ from granite_jax.models.projector import (
     projector_params_of,
 )
 from granite_jax.models.projector_config import PROJECTOR_ACTIVATIONS, ProjectorConfig
-from granite_jax.testing import TINY, convert_cli, rel_err
+from granite_jax.testing import TINY, convert_cli, jit_call, rel_err
 from granite_jax.testing.hf import (
     hf_audio_features,
     hf_full_model,
@@ -219,7 +219,7 @@ def test_projector_parity(name, cfg, settings):
     for t in sorted({1, max(w - 1, 1), w, w + 1, 3 * w}):
         h = rng.standard_normal((2, t, cfg.output_width)).astype(np.float32)
         want = hf_project(model, h)
-        got = np.asarray(proj(h))
+        got = np.asarray(jit_call(proj)(h))
         assert got.shape == want.shape == (2, num_audio_embeddings(t, pcfg), pcfg.llm_hidden_size)
         err = rel_err(got, want)
         assert err < TOL, (name, t, err)
@@ -239,7 +239,7 @@ def test_projector_parity_at_production_widths():
         h = np.random.default_rng(t).standard_normal((2, t, cfg.hidden_dim)).astype(np.float32)
         want = hf_project(model, h)
         assert want.shape == (2, 90, 2048)
-        err = rel_err(proj(h), want)
+        err = rel_err(jit_call(proj)(h), want)
         assert err < TOL, (t, err)
 
 
@@ -270,7 +270,7 @@ def test_zeros_past_the_end_reproduce_each_utterance_alone():
     rng = np.random.default_rng(3)
     h = rng.standard_normal((len(lengths), 31, CFG.hidden_dim)).astype(np.float32)
     h[np.arange(31)[None, :] >= np.array(lengths)[:, None]] = 0
-    batched = np.asarray(proj(h))
+    batched = np.asarray(jit_call(proj)(h))
     counts = num_audio_embeddings(lengths, pcfg)
     assert counts.tolist() == [9, 3, 3, 6]
     for i, n in enumerate(lengths):
@@ -287,7 +287,7 @@ def test_bfloat16_compute_runs_close_to_fp32():
     proj16 = projector_from_params(pcfg, params, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert proj16.query[...].dtype == jnp.bfloat16
     h = np.random.default_rng(5).standard_normal((2, 20, CFG.hidden_dim)).astype(np.float32)
-    got = proj16(h)
+    got = jit_call(proj16)(h)
     assert got.dtype == jnp.bfloat16
     assert rel_err(np.asarray(got, np.float32), hf_project(model, h)) < 5e-2
 
@@ -377,8 +377,8 @@ def test_end_to_end_against_get_audio_features(tmp_path, cfg, dtype, shard):
 
     with torch.no_grad():
         states = ref.model.encoder(torch.from_numpy(x)).last_hidden_state.numpy()
-    assert rel_err(proj(states), want) < TOL  # projector alone, on torch's encoder output
-    assert rel_err(proj(encoder(jnp.asarray(x))), want) < TOL  # our encoder, then our projector
+    assert rel_err(jit_call(proj)(states), want) < TOL  # projector alone, on torch's encoder output
+    assert rel_err(jit_call(proj)(jit_call(encoder)(jnp.asarray(x))), want) < TOL  # our encoder, then our projector
 
 
 @pytest.mark.torch
@@ -396,7 +396,7 @@ def test_in_memory_layout_model_prefix(tmp_path):
     assert conv.provenance["source_projector_prefix"] == "model.projector."
     proj = projector_from_params(conv.projector_config, conv.projector_params)
     h = np.random.default_rng(19).standard_normal((1, 16, CFG.hidden_dim)).astype(np.float32)
-    assert rel_err(proj(h), hf_project(ref, h)) < TOL
+    assert rel_err(jit_call(proj)(h), hf_project(ref, h)) < TOL
 
 
 @pytest.mark.torch
@@ -409,7 +409,7 @@ def test_bfloat16_conversion_casts_the_projector(tmp_path):
     loaded = checkpoint.load(tmp_path / "gj")
     proj = projector_from_params(loaded.projector_config, loaded.projector_params)  # cast back to fp32
     h = np.random.default_rng(14).standard_normal((1, 16, CFG.hidden_dim)).astype(np.float32)
-    assert rel_err(proj(h), hf_project(ref, h)) < 3e-2
+    assert rel_err(jit_call(proj)(h), hf_project(ref, h)) < 3e-2
 
 
 @pytest.mark.torch

@@ -39,7 +39,7 @@ def stacked_modules(make: Callable[[nnx.Rngs], M], num: int, rngs: nnx.Rngs) -> 
     def build(rngs: nnx.Rngs) -> M:
         return make(rngs)
 
-    return build(rngs)
+    return nnx.jit(build)(rngs)  # one program; run eagerly, every initialiser would compile its own
 
 
 def scan_stacked(stacked: M, body: Callable[[M, Any, Any], Any], carry: Any, xs: Any, *, mutable: Any = None) -> Any:

@@ -107,6 +107,8 @@ class Generator:
         self.traces = 0
         count = lambda: setattr(self, "traces", self.traces + 1)  # noqa: E731
         cache = KVCache(ROWS, ROWS)
+        # greedy's and speculative's loops take over the cache prefill made (argument 1) and hand it back, so that
+        # XLA updates it in place rather than holding a copy (beam search widens it to B x beams)
         self._prefill = rows.jit(
             self._prefill_rows, (R, ROWS, ROWS, ROWS), (ROWS, cache), on_trace=count, static=("cache_length",)
         )
@@ -119,10 +121,13 @@ class Generator:
         self._speculative = rows.jit(
             self._speculative_rows,
             (R, cache, ROWS, ROWS, R, ROWS, ROWS),
-            (ROWS, ROWS, ROWS, ROWS),
+            (ROWS, ROWS, ROWS, ROWS, cache),
             static=("steps", "chunk"),
+            donate=(1,),
         )
-        self._greedy = rows.jit(self._greedy_rows, (R, cache, ROWS, ROWS, R, ROWS), (ROWS, ROWS), static=("steps",))
+        self._greedy = rows.jit(
+            self._greedy_rows, (R, cache, ROWS, ROWS, R, ROWS), (ROWS, ROWS, cache), static=("steps",), donate=(1,)
+        )
 
     # -- the per-rows programs ---------------------------------------------------------------------------------
     def _embed(self, lm, ids):
@@ -144,8 +149,8 @@ class Generator:
         return lm.head(last).astype(jnp.float32), cache
 
     def _greedy_rows(self, values, cache, first, lengths, eos, limit, *, steps):
-        """Tokens (B, steps) from the first one on, `limit` of them at most, pad after a row's eos; and the
-        number of tokens the loop made."""
+        """Tokens (B, steps) from the first one on, `limit` of them at most, pad after a row's eos; the number
+        of tokens the loop made; the cache (donated, handed back)."""
         lm = self.bound.merge(values)
         b = first.shape[0]
         pad = self.settings.pad
@@ -163,8 +168,8 @@ class Generator:
             tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, t, axis=1)
             return t + 1, tokens, cache, nxt, done | jnp.isin(nxt, eos) | (t + 1 >= limit)
 
-        t, tokens, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, cache, first, done))
-        return tokens, jnp.full((b,), t, jnp.int32)
+        t, tokens, cache, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, cache, first, done))
+        return tokens, jnp.full((b,), t, jnp.int32), cache
 
     @property
     def prompts(self) -> PromptBuilder:
@@ -266,7 +271,7 @@ class Generator:
         """Greedy decoding verified against `drafts` (B, D; -1 past a row's draft), `chunk` draft tokens per
         step: each step feeds the last token and the next `chunk` draft tokens, keeps the longest draft prefix
         equal to the model's own argmax, and the model's token after it. The tokens are greedy's by construction.
-        (tokens (B, steps), tokens emitted per row, draft tokens accepted per row, steps taken)."""
+        (tokens (B, steps), tokens emitted per row, draft tokens accepted per row, steps taken, the cache)."""
         lm = self.bound.merge(values)
         b = first.shape[0]
         pad = self.settings.pad
@@ -313,8 +318,8 @@ class Generator:
             jnp.zeros(b, jnp.int32),
             jnp.int32(0),
         )
-        t, tokens, _, _, _, _, accepted, n_steps = jax.lax.while_loop(cond, body, init)
-        return tokens[:, :steps], t, accepted, jnp.full((b,), n_steps, jnp.int32)
+        t, tokens, cache, _, _, _, accepted, n_steps = jax.lax.while_loop(cond, body, init)
+        return tokens[:, :steps], t, accepted, jnp.full((b,), n_steps, jnp.int32), cache
 
     # -- host side ---------------------------------------------------------------------------------------------
     def prompt_ids(self, prompts: Sequence[Any], counts: Sequence[int], max_new_tokens: int) -> list[list[int]]:
@@ -359,7 +364,7 @@ class Generator:
         t1 = time.perf_counter()
         eos = jnp.asarray(self.settings.eos, jnp.int32)
         limit = split(self.limits(b, len(lengths), max_new_tokens))
-        tokens, steps = self._greedy(values, cache, first, split(lengths), eos, limit, steps=_bucket(max_new_tokens))
+        tokens, steps, _ = self._greedy(values, cache, first, split(lengths), eos, limit, steps=_bucket(max_new_tokens))
         tokens = np.asarray(tokens)[:b, :max_new_tokens]
         t2 = time.perf_counter()
         out = [self.cut(row) for row in tokens]
@@ -438,7 +443,7 @@ class Generator:
         for i, d in enumerate(drafts):
             table[i, : len(d)] = d
         eos = jnp.asarray(self.settings.eos, jnp.int32)
-        tokens, emitted, accepted, n_steps = self._speculative(
+        tokens, emitted, accepted, n_steps, _ = self._speculative(
             values,
             cache,
             first,

@@ -31,6 +31,15 @@ TINY = EncoderConfig(
 )
 
 
+def jit_call(module, method: str = "__call__"):
+    """`module.method(*args)` under one `nnx.jit`: called eagerly, a module compiles one small program per
+    operation and input shape, which is most of a small test's time. Arguments are arrays or pytrees."""
+    from flax import nnx
+
+    call = nnx.jit(lambda m, *args: getattr(m, method)(*args))
+    return lambda *args: call(module, *args)
+
+
 def rel_err(got, want) -> float:
     """max |got - want| / max |want|, in float64."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -54,4 +63,4 @@ def torch_encode(encoder, features: np.ndarray) -> np.ndarray:
         return encoder(torch.from_numpy(np.asarray(features, np.float32))).last_hidden_state.numpy()
 
 
-__all__ = ["HAS_TORCH", "HAS_TORCHAUDIO", "TINY", "convert_cli", "rel_err", "torch_encode"]
+__all__ = ["HAS_TORCH", "HAS_TORCHAUDIO", "TINY", "convert_cli", "jit_call", "rel_err", "torch_encode"]
