@@ -3,7 +3,7 @@
 A batch-1 decode step is one such product per weight matrix, so its speed is the rate at which the dot reads
 the weight. This prints that rate for fp32 and bf16, for the weight stored (in, out) (`nnx.Linear`'s kernel)
 and (out, in) (torch's `Linear`, the tied embedding table), with bf16 or fp32 accumulation, at 1, 2, 4 and 8 rows;
-beside it the machine's read bandwidth (a jitted sum over 1 GiB).
+beside it the machine's read rate as `bench_generate.py` measures it (a one-row fp32 product over 1 GiB).
 
     python benchmarks/bench_matvec.py
     python benchmarks/bench_matvec.py --in-features 2048 --out-features 8192 --rows 1,2,8

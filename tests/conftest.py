@@ -14,7 +14,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # The tests' models are tiny, so their time goes to XLA compiles. Three CPU codegen settings cut a compile by
 # more than half: LLVM at -O0, the classic fusion emitters (the HLO passes and the library matmuls are the same),
-# and each program's LLVM module compiled in one piece (the split into 32 parallel pieces only adds work when the
+# and each program's LLVM module compiled in one piece (splitting it for parallel codegen only adds work when the
 # two xdist workers already use both cores).
 # Subprocesses and notebook kernels inherit them. The CLI demo test runs with XLA's defaults, the settings users
 # get (tests/test_cli.py). GRANITE_JAX_TEST_XLA_DEFAULTS=1 keeps the defaults everywhere.
