@@ -5,6 +5,8 @@ language model: hidden 2048, 16 / 4 kv heads, SwiGLU 8192, vocabulary 100353) is
 and converted once; then each side runs each case in a fresh process (fp32 and bf16; batch 1 and 8; 10 s and
 30 s clips) and reports prefill time, per-token decode time, tokens/s, RTFx and peak RSS. Both sides generate
 exactly `--new-tokens` tokens (eos is set to an id the random model never makes) and the token ids are compared.
+The jax worker also times exact speculative decoding at its two bounds: drafted by greedy's own output (the most
+it can gain) and by a draft that never agrees with the model (what it costs when the CTC head is wrong).
 The table also prints the time to read the language model's weights once from memory (weight bytes / this
 machine's read rate, measured as a one-row fp32 product over a 1 GiB weight): a batch-1 decode step cannot be
 faster on CPU.
@@ -63,6 +65,11 @@ def waves(case: str) -> list[np.ndarray]:
     return [np.roll(np.tile(base, -(-n // len(base)))[:n], 997 * i).astype(np.float32) for i in range(batch)]
 
 
+def audio_seconds(case: str) -> float:
+    batch, seconds = CASES[case]
+    return batch * seconds
+
+
 def prepare(directory: str, lm_layers: int) -> None:
     """The HF checkpoint (random, perturbed) and its conversion, each in its own process."""
     from granite_jax.cli.demo import DEMO_PROJECTOR
@@ -84,6 +91,30 @@ def prepare(directory: str, lm_layers: int) -> None:
     del model
 
 
+def drafts_for(greedy: list[list[int]]) -> dict[str, list[list[int]]]:
+    """Speculative decoding's bounds: a draft that is greedy's own output (every pass accepts its whole chunk),
+    and one that never agrees with the model (a token absent from greedy's output: every pass is a greedy step)."""
+    absent = min(set(range(len(greedy[0]) + 2)) - {t for row in greedy for t in row})
+    return {"right draft": greedy, "wrong draft": [[absent] * len(row) for row in greedy]}
+
+
+def timed_speculative(m, w: list[np.ndarray], new_tokens: int, drafts: list[list[int]]) -> dict:
+    """End to end as `generate` does it (encode, prompt, prefill, the loop) with these drafts, after a warm-up."""
+    gen = m._generator
+
+    def once() -> tuple[float, list[list[int]], dict]:
+        t0 = time.perf_counter()
+        res = m.encode(w)
+        ids = gen.prompt_ids([None] * len(w), res.embedding_counts, new_tokens)
+        tokens, stats = gen.speculative(ids, res.audio_embeddings, new_tokens, drafts)
+        return time.perf_counter() - t0, [t.tolist() for t in tokens], stats
+
+    once()
+    total, ids, stats = once()
+    kept = ("decode_seconds", "steps", "verify_steps", "acceptance")
+    return dict(total=total, ids=ids, **{k: stats[k] for k in kept})
+
+
 def worker(side: str, directory: str, case: str, dtype: str, new_tokens: int, device: str = "cpu") -> dict:
     """One side, one case, in this process: timings, ids, peak RSS."""
     w = waves(case)
@@ -102,6 +133,7 @@ def worker(side: str, directory: str, case: str, dtype: str, new_tokens: int, de
         ids = [t.tolist() for t in r.token_ids]
         prefill, decode = r.stats["prefill_seconds"], r.stats["decode_seconds"]
         encode = total - prefill - decode
+        speculative = {name: timed_speculative(m, w, new_tokens, draft) for name, draft in drafts_for(ids).items()}
     else:
         import torch
         import transformers
@@ -129,8 +161,9 @@ def worker(side: str, directory: str, case: str, dtype: str, new_tokens: int, de
             out = model.generate(**inputs, **kw)
             total = time.perf_counter() - t0
         ids = [row[inputs["input_ids"].shape[1] :].tolist() for row in out.cpu()]
-        decode, encode = total - prefill, 0.0
+        decode, encode, speculative = total - prefill, 0.0, {}
     return dict(
+        speculative=speculative,
         total=total,
         prefill=prefill,
         encode=encode,
@@ -223,6 +256,16 @@ def main() -> None:
                     f"| {case} | {dtype} | {side} | {r['prefill']:.2f} | {r['per_token']:.3f} | {read:.3f} | "
                     f"{r['tokens_per_s']:.2f} | {r['rtfx']:.2f} | {r['total']:.1f} | {r['peak_rss'] / 1e9:.2f} | "
                     f"{up:.2f}x | {same if side == 'jax' else ''} |",
+                    flush=True,
+                )
+            for name, r in res["jax"]["speculative"].items():
+                b = len(r["ids"])
+                print(
+                    f"| {case} | {dtype} | jax, {name} ({r['steps']} passes, {r['verify_steps']} wide) | | "
+                    f"{r['decode_seconds'] / max(1, args.new_tokens - 1):.3f} | {read:.3f} | "
+                    f"{b * args.new_tokens / r['total']:.2f} | {audio_seconds(case) / r['total']:.2f} | "
+                    f"{r['total']:.1f} | | {res['torch']['total'] / r['total']:.2f}x | "
+                    f"greedy's: {r['ids'] == res['jax']['ids']} |",
                     flush=True,
                 )
 

@@ -153,10 +153,10 @@ _LM_GROUPS = {
 LM_KEY_TABLE: tuple[tuple[str, str, Transform], ...] = (
     ("model.embed_tokens.weight", "model.embed_tokens.embedding", IDENTITY),
     ("model.norm.weight", "model.norm.weight", IDENTITY),
-    ("lm_head.weight", "lm_head.kernel", LINEAR),
-    ("model.layers.{i}.self_attn.{attn}.weight", "model.layers.{i}.self_attn.{attn}.kernel", LINEAR),
+    ("lm_head.weight", "lm_head.weight", IDENTITY),
+    ("model.layers.{i}.self_attn.{attn}.weight", "model.layers.{i}.self_attn.{attn}.weight", IDENTITY),
     ("model.layers.{i}.self_attn.{attn}.bias", "model.layers.{i}.self_attn.{attn}.bias", IDENTITY),
-    ("model.layers.{i}.mlp.{mlp}.weight", "model.layers.{i}.mlp.{mlp}.kernel", LINEAR),
+    ("model.layers.{i}.mlp.{mlp}.weight", "model.layers.{i}.mlp.{mlp}.weight", IDENTITY),
     ("model.layers.{i}.mlp.{mlp}.bias", "model.layers.{i}.mlp.{mlp}.bias", IDENTITY),
     ("model.layers.{i}.{rms}.weight", "model.layers.{i}.{rms}.weight", IDENTITY),
 )

@@ -87,9 +87,10 @@ print("beam search scores:", np.round(beams.scores, 3))
 # %% [markdown]
 # ## 4. Speculative decoding
 #
-# A draft is verified 8 tokens at a time in one pass; the longest prefix equal to the model's own argmax is
-# kept, then the model's next token. The tokens never change; the number of decode steps does. A draft that is
-# always right is the upper bound, one that is always wrong the floor (one token per step, as greedy).
+# Where the draft agrees with the model's last token, its next 8 tokens are verified in one wider pass; the
+# longest prefix equal to the model's own argmax is kept, then the model's next token. Elsewhere a step is
+# greedy's. The tokens never change; the number and width of the steps do. A draft that is always right is
+# the upper bound, one that is always wrong the floor (greedy's steps, none wider).
 
 # %%
 gen = model._generator
@@ -102,14 +103,22 @@ drafts = {
     "wrong": [[5] * 24 for _ in greedy],
     "CTC head": gen.drafts(model, res),
 }
-steps = {}
+steps, wide = {}, {}
 for name, draft in drafts.items():
     tokens, stats = gen.speculative(prompt_ids, res.audio_embeddings, 24, draft)
     assert [t.tolist() for t in tokens] == greedy, name
-    steps[name] = stats["steps"]
-print(steps)
+    steps[name], wide[name] = stats["steps"], stats["verify_steps"]
+print("steps:", steps, "of them wide:", wide)
 plt.figure(figsize=(6, 3))
-plt.bar(list(steps), list(steps.values()), color="tab:blue")
+plt.bar(list(steps), [steps[k] - wide[k] for k in steps], color="tab:blue", label="one-token steps")
+plt.bar(
+    list(steps),
+    list(wide.values()),
+    bottom=[steps[k] - wide[k] for k in steps],
+    color="tab:orange",
+    label="verification passes (9 tokens)",
+)
+plt.legend()
 plt.ylabel("decode steps for 24 tokens")
 plt.title("speculative decoding: same tokens, fewer steps with a better draft")
 plt.show()

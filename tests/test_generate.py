@@ -23,6 +23,7 @@ VARIANTS = {  # name -> hf_speech_llm keyword arguments
     "kv1_scaled": dict(text=dict(num_key_value_heads=1, logits_scaling=2.5), seed=3),
 }
 MAX_NEW = 14
+CONVERTED = {}  # name -> the converted directory behind `pairs(name)`
 
 
 def _waves(*lengths, seed=0):
@@ -49,6 +50,7 @@ def pairs(tmp_path_factory, tokenizer):
             d = tmp_path_factory.mktemp(name)
             model, proc = make_hf_speech_checkpoint(CFG, d / "hf", tokenizer, projector=PROJECTOR, **VARIANTS[name])
             convert_cli(d / "hf", d / "gj")
+            CONVERTED[name] = d / "gj"
             cache[name] = (model, proc, granite_jax.load(d / "gj"))
         return cache[name]
 
@@ -77,6 +79,35 @@ def test_lm_logits_equal_granite_for_causal_lm(pairs, name):
     with torch.no_grad():
         raw = model.lm_head(hf_lm.model(inputs_embeds=torch.from_numpy(x)).last_hidden_state).numpy()
     assert rel_err(jit_call(lm, "head")(hidden), raw) < 1e-4
+
+
+def test_lm_weights_are_held_as_torch_holds_them_and_older_directories_still_load(pairs, tmp_path):
+    """The dense layers' `weight` is torch's (out, in) tensor unchanged; a directory whose language model was
+    written as `*.kernel` (in, out) loads to the same model (transposed on read)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from granite_jax.models.granite import lm_params_of
+
+    model, _, runner = pairs("untied_kv4")
+    ours = lm_params_of(runner.language_model)
+    sd = model.state_dict()
+    for key in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert np.array_equal(ours[key], sd[key.replace("model.", "model.language_model.", 1)].numpy())
+    assert np.array_equal(ours["lm_head.weight"], sd["lm_head.weight"].numpy())
+    old = tmp_path / "old"
+    shutil.copytree(CONVERTED["untied_kv4"], old)
+    dense = lambda k: k.endswith("_proj.weight") or k == "lm_head.weight"  # noqa: E731
+    tensors = load_file(old / "language_model.safetensors")
+    legacy = {
+        (k.removesuffix("weight") + "kernel" if dense(k) else k): (np.ascontiguousarray(v.T) if dense(k) else v)
+        for k, v in tensors.items()
+    }
+    assert any(k.endswith("q_proj.kernel") for k in legacy)
+    save_file(legacy, old / "language_model.safetensors", metadata={"format": "granite_jax"})
+    again = lm_params_of(granite_jax.load(old).language_model)
+    assert set(again) == set(ours) and all(np.array_equal(again[k], ours[k]) for k in ours)
 
 
 def test_lm_with_a_cache_equals_whole_sequences(pairs):
@@ -255,13 +286,20 @@ def test_speculative_equals_greedy_whatever_the_draft(pairs):
         "half": [d[:6] + [7, 7, 7] + d[9:] for d in perfect],
         "short": [d[:3] for d in perfect],
         "empty": [[], [], []],
+        "one extra": [d[:5] + [7] + d[5:] for d in perfect],  # the draft out of step by one token, each way
+        "one missing": [d[:5] + d[6:] for d in perfect],
     }
-    steps = {}
+    steps, wide = {}, {}
     for name, draft in drafts.items():
         tokens, stats = gen.speculative(ids, res.audio_embeddings, 20, draft, chunk=4)
         assert [t.tolist() for t in tokens] == perfect, name
-        steps[name] = stats["steps"]
+        steps[name], wide[name] = stats["steps"], stats["verify_steps"]
+        assert stats["accepted"] <= [len(d) for d in draft], name
     assert steps["perfect"] < steps["half"] < steps["wrong"] == steps["empty"]
+    # a draft that never agrees with the model costs greedy's passes and no wider ones
+    assert wide["wrong"] == wide["empty"] == 0 and steps["wrong"] == max(len(p) for p in perfect) - 1
+    # a draft one token out of step is found again: nearly the perfect draft's passes
+    assert steps["one extra"] <= steps["perfect"] + 2 and steps["one missing"] <= steps["perfect"] + 2
 
 
 # -- the 3.x LoRA adapter -------------------------------------------------------------------------------------------
@@ -332,6 +370,7 @@ def test_bad_input_is_named(pairs, tmp_path):
         (dict(num_beams=0), "num_beams must be a positive integer"),
         (dict(early_stopping="sometimes"), "early_stopping"),
         (dict(speculative="maybe"), "speculative must be"),
+        (dict(speculative="thresholded"), "thresholded mode.*is not offered"),
         (dict(prompt=[{"role": "user", "content": "no audio here"}]), "holds 0 audio tokens"),
         (dict(prompt=AUDIO + "twice"), "holds 2 audio tokens"),
         (dict(prompt=["a", "b"]), "2 prompts for 1 utterances"),

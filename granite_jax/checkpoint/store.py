@@ -10,8 +10,9 @@ and provenance. No pickle. Written atomically: a failed write leaves nothing beh
                                 writes them (the source's, or the defaults when it had none)
     DST/language_config.json    only with a language model: LanguageConfig.to_hf_dict() (the full HF config's
                                 text_config, audio_token_index, has_lora_adapter)
-    DST/language_model.safetensors  its NNX variables (model.layers.0.self_attn.q_proj.kernel, ...), written
-                                one tensor at a time
+    DST/language_model.safetensors  its NNX variables (model.layers.0.self_attn.q_proj.weight, ... held (out,
+                                in) as torch holds them), written one tensor at a time; a directory written
+                                when they were `*.kernel` (in, out) still loads, transposed on read
     DST/tokenizer.json, chat_template.jinja, generation_config.json, adapter_*.json|safetensors, ...
                                 carried over from the source as they are (`CARRIED_FILES`)
     DST/granite_jax.json        format version, source, dtype, converter version, time
@@ -224,6 +225,31 @@ class LazyParams(Mapping):
         return len(self._keys)
 
 
+class TransposedKernels(Mapping):
+    """A language model written before its dense layers were held as torch holds them: each `*.kernel` (in, out)
+    read as the `*.weight` (out, in) that the model now has, transposed on read."""
+
+    fresh_arrays = True
+
+    def __init__(self, params: LazyParams):
+        self._params = params
+        self._names = {(k[: -len("kernel")] + "weight" if k.endswith(".kernel") else k): k for k in params}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        stored = self._names[key]
+        value = self._params[stored]
+        return np.ascontiguousarray(value.T) if stored != key else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def dtype_of(self, key: str) -> np.dtype:
+        return self._params.dtype_of(self._names[key])
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def _read_config(cls, path: str, name: str):
     """`cls.from_hf_config` of the checkpoint's file `name`, its errors naming the file."""
     file = os.path.join(path, name)
@@ -273,6 +299,8 @@ def load(path: str | os.PathLike) -> Converted:
         except ConfigError as e:
             raise CheckpointError(f"{file}: {e}") from None
         language_params = LazyParams(os.path.join(path, LANGUAGE_PARAMS_FILE))
+        if any(k.endswith(".kernel") for k in language_params):
+            language_params = TransposedKernels(language_params)
     return Converted(
         config,
         params,

@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int
 
 from granite_jax.checkpoint.params import abstract_variables, module_from_params, variables_of
 from granite_jax.models.granite_config import GraniteConfig
-from granite_jax.models.layers import accumulator, activation, dense
+from granite_jax.models.layers import TorchLinear, accumulator, activation, times_transposed
 
 
 class KVCache(NamedTuple):
@@ -82,10 +82,10 @@ class GraniteAttention(nnx.Module):
     def __init__(self, cfg: GraniteConfig, *, rngs: nnx.Rngs, **kw):
         self.config = cfg
         h, d, kv = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads
-        self.q_proj = dense(rngs, h, cfg.num_attention_heads * d, bias=cfg.attention_bias, **kw)
-        self.k_proj = dense(rngs, h, kv * d, bias=cfg.attention_bias, **kw)
-        self.v_proj = dense(rngs, h, kv * d, bias=cfg.attention_bias, **kw)
-        self.o_proj = dense(rngs, cfg.num_attention_heads * d, h, bias=cfg.attention_bias, **kw)
+        self.q_proj = TorchLinear(h, cfg.num_attention_heads * d, bias=cfg.attention_bias, rngs=rngs, **kw)
+        self.k_proj = TorchLinear(h, kv * d, bias=cfg.attention_bias, rngs=rngs, **kw)
+        self.v_proj = TorchLinear(h, kv * d, bias=cfg.attention_bias, rngs=rngs, **kw)
+        self.o_proj = TorchLinear(cfg.num_attention_heads * d, h, bias=cfg.attention_bias, rngs=rngs, **kw)
 
     def __call__(self, x, cos, sin, start, cache_kv):
         """x (B, S, hidden) at positions start[b] + [0, S) -> (B, S, hidden), the layer's (keys, values)."""
@@ -118,9 +118,9 @@ class GraniteAttention(nnx.Module):
 class GraniteMLP(nnx.Module):
     def __init__(self, cfg: GraniteConfig, *, rngs: nnx.Rngs, **kw):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = dense(rngs, h, i, bias=cfg.mlp_bias, **kw)
-        self.up_proj = dense(rngs, h, i, bias=cfg.mlp_bias, **kw)
-        self.down_proj = dense(rngs, i, h, bias=cfg.mlp_bias, **kw)
+        self.gate_proj = TorchLinear(h, i, bias=cfg.mlp_bias, rngs=rngs, **kw)
+        self.up_proj = TorchLinear(h, i, bias=cfg.mlp_bias, rngs=rngs, **kw)
+        self.down_proj = TorchLinear(i, h, bias=cfg.mlp_bias, rngs=rngs, **kw)
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
@@ -181,7 +181,9 @@ class GraniteForCausalLM(nnx.Module):
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else dense(rngs, cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype)
+            else TorchLinear(
+                cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
         )
 
     def embed(self, ids: Int[Array, "b s"]) -> Float[Array, "b s d"]:
@@ -197,8 +199,7 @@ class GraniteForCausalLM(nnx.Module):
         same argmax)."""
         if self.lm_head is not None:
             return self.lm_head(hidden)
-        table = self.model.embed_tokens.embedding[...].astype(hidden.dtype)
-        return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=accumulator(hidden.dtype))
+        return times_transposed(hidden, self.model.embed_tokens.embedding[...], hidden.dtype)  # (..., vocab)
 
     def logits(self, hidden: Float[Array, "... d"]) -> Float[Array, "... v"]:
         """The model's logits: `lm_head(hidden) / logits_scaling`, in fp32 (`GraniteForCausalLM`)."""

@@ -49,7 +49,7 @@ def read_adapter(files: Mapping[str, str]) -> tuple[dict, dict[str, np.ndarray]]
 
 
 def merge_adapter(lm: GraniteForCausalLM, config: dict, weights: Mapping[str, np.ndarray], source: str = "") -> None:
-    """Add the adapter's low-rank updates to `lm`'s projection kernels, in place."""
+    """Add the adapter's low-rank updates to `lm`'s projection weights, in place."""
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{source}adapter_config.json: peft_type {config.get('peft_type')!r} is not LORA")
     r = config.get("r")
@@ -71,13 +71,13 @@ def merge_adapter(lm: GraniteForCausalLM, config: dict, weights: Mapping[str, np
         if set(ab) != {"A", "B"} or not 0 <= i < len(layers):
             raise AdapterError(f"{source}adapter_model.safetensors: layer {i} {proj}_proj lacks lora_A or lora_B")
         linear = getattr(layers[i].self_attn, f"{proj}_proj")
-        kernel = linear.kernel.get_value()
-        delta = (ab["B"] @ ab["A"]).T * scale  # (in, out), as the kernel
-        if delta.shape != kernel.shape:
+        weight = linear.weight.get_value()
+        delta = (ab["B"] @ ab["A"]) * scale  # (out, in), as the weight
+        if delta.shape != weight.shape:
             raise AdapterError(
-                f"{source}adapter for layer {i} {proj}_proj has shape {delta.shape}, the kernel {kernel.shape}"
+                f"{source}adapter for layer {i} {proj}_proj has shape {delta.shape}, the weight {weight.shape}"
             )
-        linear.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+        linear.weight.set_value((weight.astype(jnp.float32) + delta).astype(weight.dtype))
 
 
 def with_adapter(lm: GraniteForCausalLM, files: Mapping[str, str], lang: LanguageConfig) -> GraniteForCausalLM:

@@ -71,6 +71,52 @@ class Linear(nnx.Linear):
         return out.reshape(*lead, out.shape[-1])
 
 
+class TorchLinear(nnx.Module):
+    """`nn.Linear` held as torch holds it: `weight` (out, in), `bias` (out,).
+
+    For products with few rows (a decode step, a speculative pass) XLA CPU reads a weight held (out, in) faster
+    than one held (in, out) (`benchmarks/bench_matvec.py`); the language model's layers use it. Same compute
+    dtype rules as `Linear`: in a 16-bit dtype the products are summed in fp32, the bias added in fp32, and
+    the result rounded once.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        *,
+        bias: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-1, out_axis=-2)
+        self.weight = nnx.Param(init(rngs.params(), (n_out, n_in), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((n_out,), param_dtype)) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        dtype = self.dtype or inputs.dtype
+        out = times_transposed(inputs, self.weight[...], dtype)
+        if self.bias is not None:
+            out = out + self.bias[...].astype(out.dtype)
+        return out.astype(dtype)
+
+
+def times_transposed(x: jax.Array, weight: jax.Array, dtype) -> jax.Array:
+    """x (..., in) @ weight (out, in).T in `dtype`, summed (and returned) in fp32 for a 16-bit dtype.
+
+    The rows are flattened to one axis, and a lone 16-bit row is given a zero partner: XLA CPU's 16-bit product
+    with one row reads its weight several times slower than with two (`benchmarks/bench_matvec.py`)."""
+    acc = accumulator(dtype)
+    flat = x.reshape(-1, x.shape[-1]).astype(dtype)
+    rows = flat.shape[0]
+    if acc is not None and rows == 1:
+        flat = jnp.concatenate([flat, jnp.zeros_like(flat)])
+    out = jnp.einsum("ni,oi->no", flat, weight.astype(dtype), preferred_element_type=acc)[:rows]  # (rows, out)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def dense(rngs: nnx.Rngs, n_in: int, n_out: int, *, bias: bool = True, **kw) -> Linear:
     """`nn.Linear(n_in, n_out, bias)`: kernel (n_in, n_out), the transpose of torch's weight."""
     return Linear(n_in, n_out, use_bias=bias, rngs=rngs, **kw)

@@ -268,58 +268,75 @@ class Generator:
         return state[3][:, 0], state[4][:, 0]
 
     def _speculative_rows(self, values, cache, first, lengths, eos, limit, drafts, *, steps, chunk):
-        """Greedy decoding verified against `drafts` (B, D; -1 past a row's draft), `chunk` draft tokens per
-        step: each step feeds the last token and the next `chunk` draft tokens, keeps the longest draft prefix
-        equal to the model's own argmax, and the model's token after it. The tokens are greedy's by construction.
-        (tokens (B, steps), tokens emitted per row, draft tokens accepted per row, steps taken, the cache)."""
+        """Greedy decoding that verifies the draft (B, D; -1 past a row's draft) wherever it agrees with the model.
+
+        Each row keeps a pointer into its draft, moved on to just past the model's last token when that token
+        lies in the draft's next `chunk` tokens (the row is then in step with its draft). A pass feeds each row
+        its last token and, when some row is in step, the next `chunk` draft tokens too: it keeps the longest
+        draft prefix equal to the model's own argmax and the model's token after it. While no row is in step a
+        pass feeds the last token alone, a greedy step, so a draft that is wrong costs no wider passes (on CPU a
+        pass over `chunk` + 1 tokens reads the weights several times slower than over one). The tokens are
+        greedy's by construction. Returns (tokens (B, steps), tokens emitted per row, draft tokens accepted per
+        row, [passes, of them wide] per row, the cache)."""
         lm = self.bound.merge(values)
         b = first.shape[0]
         pad = self.settings.pad
         width = steps + chunk + 1
         tokens = jnp.full((b, width), pad, jnp.int32).at[:, 0].set(first)
-        done = jnp.isin(first, eos) | (limit <= 1)
         rows = jnp.arange(b)[:, None]
-        offsets = jnp.arange(chunk + 1)[None, :]
 
-        def cond(c):
-            return ~jnp.all(c[4])
+        def window(start, n):
+            """(b, n): each row's draft tokens from `start` on, -1 past its end."""
+            idx = start[:, None] + jnp.arange(n)[None, :]
+            inside = idx < drafts.shape[1]
+            return jnp.where(inside, jnp.take_along_axis(drafts, jnp.minimum(idx, drafts.shape[1] - 1), axis=1), -1)
 
-        def body(c):
-            t, tokens, cache, last, done, pointer, accepted, n_steps = c
-            idx = pointer[:, None] + offsets[:, :chunk]
-            props = jnp.where(
-                idx < drafts.shape[1], jnp.take_along_axis(drafts, jnp.minimum(idx, drafts.shape[1] - 1), axis=1), -1
-            )
+        def resync(pointer, last):
+            """(pointer, in step): past `last`'s first place among the next `chunk` draft tokens, if it is there."""
+            hit = window(pointer, chunk) == last[:, None]
+            found = jnp.any(hit, axis=1)
+            return jnp.where(found, pointer + jnp.argmax(hit, axis=1) + 1, pointer), found
+
+        def advance(c, k: int):
+            """One pass feeding each row's last token and its next k - 1 draft tokens."""
+            t, tokens, cache, last, done, pointer, accepted, passes, synced = c
+            props = window(pointer, k - 1)
             inputs = jnp.concatenate([last[:, None], jnp.where(props < 0, pad, props)], axis=1)
             hidden, cache = lm(self._embed(lm, inputs), lengths + t - 1, cache)
-            g = jnp.argmax(lm.head(hidden).astype(jnp.float32), axis=-1).astype(jnp.int32)  # (b, chunk + 1)
-            m = jnp.sum(jnp.cumprod(props == g[:, :chunk], axis=1), axis=1)  # draft tokens accepted
+            g = jnp.argmax(lm.head(hidden).astype(jnp.float32), axis=-1).astype(jnp.int32)  # (b, k)
+            m = jnp.sum(jnp.cumprod(props == g[:, : k - 1], axis=1), axis=1)  # draft tokens accepted
+            offsets = jnp.arange(k)[None, :]
             n = m + 1  # tokens emitted: the accepted draft, then the model's own
             hit = jnp.isin(g, eos) & (offsets < n[:, None])
             first_eos = jnp.where(jnp.any(hit, axis=1), jnp.argmax(hit, axis=1) + 1, n)
-            n = jnp.minimum(jnp.minimum(n, first_eos), limit - t)
-            n = jnp.where(done, 0, n)
+            n = jnp.where(done, 0, jnp.minimum(jnp.minimum(n, first_eos), limit - t))
             write = offsets < n[:, None]
-            where = jnp.where(write, t[:, None] + offsets, width)  # out of bounds: dropped
-            tokens = tokens.at[rows, where].set(g, mode="drop")
+            tokens = tokens.at[rows, jnp.where(write, t[:, None] + offsets, width)].set(g, mode="drop")
             last = jnp.where(n > 0, jnp.take_along_axis(g, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0], last)
-            accepted = accepted + jnp.minimum(m, n)
+            pointer, synced = resync(pointer + jnp.minimum(m, n), last)
             t = t + n
             done = done | jnp.any(hit & write, axis=1) | (t >= limit)
-            return t, tokens, cache, last, done, pointer + n, accepted, n_steps + 1
+            passes = passes + jnp.array([1, int(k > 1)], jnp.int32)
+            return t, tokens, cache, last, done, pointer, accepted + jnp.minimum(m, n), passes, synced
 
-        init = (
-            jnp.ones(b, jnp.int32),
-            tokens,
-            cache,
-            first,
-            done,
-            jnp.ones(b, jnp.int32),
-            jnp.zeros(b, jnp.int32),
-            jnp.int32(0),
+        def some_in_step(c):
+            return jnp.any(c[8] & ~c[4])
+
+        def greedy_until_in_step(c):
+            return jax.lax.while_loop(lambda c: ~jnp.all(c[4]) & ~some_in_step(c), lambda c: advance(c, 1), c)
+
+        def verify_while_in_step(c):
+            return jax.lax.while_loop(some_in_step, lambda c: advance(c, chunk + 1), c)
+
+        done = jnp.isin(first, eos) | (limit <= 1)
+        pointer, synced = resync(jnp.zeros(b, jnp.int32), first)
+        zeros = jnp.zeros(b, jnp.int32)
+        init = (jnp.ones(b, jnp.int32), tokens, cache, first, done, pointer, zeros, jnp.zeros(2, jnp.int32), synced)
+        out = jax.lax.while_loop(
+            lambda c: ~jnp.all(c[4]), lambda c: verify_while_in_step(greedy_until_in_step(c)), init
         )
-        t, tokens, cache, _, _, _, accepted, n_steps = jax.lax.while_loop(cond, body, init)
-        return tokens[:, :steps], t, accepted, jnp.full((b,), n_steps, jnp.int32), cache
+        t, tokens, cache, _, _, _, accepted, passes, _ = out
+        return tokens[:, :steps], t, accepted, jnp.broadcast_to(passes, (b, 2)), cache
 
     # -- host side ---------------------------------------------------------------------------------------------
     def prompt_ids(self, prompts: Sequence[Any], counts: Sequence[int], max_new_tokens: int) -> list[list[int]]:
@@ -382,7 +399,7 @@ class Generator:
         num_beams: int = 1,
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
-        speculative: bool | str = False,
+        speculative: bool = False,
     ) -> GenerateResult:
         """Encode the waveforms with `runner`, build each prompt, generate; see `Runner.generate`."""
         check_generate_args(max_new_tokens, num_beams, length_penalty, early_stopping, speculative)
@@ -443,7 +460,7 @@ class Generator:
         for i, d in enumerate(drafts):
             table[i, : len(d)] = d
         eos = jnp.asarray(self.settings.eos, jnp.int32)
-        tokens, emitted, accepted, n_steps, _ = self._speculative(
+        tokens, emitted, accepted, passes, _ = self._speculative(
             values,
             cache,
             first,
@@ -457,10 +474,12 @@ class Generator:
         tokens = np.asarray(tokens)[:b, :max_new_tokens]
         t2 = time.perf_counter()
         emitted, accepted = np.asarray(emitted)[:b], np.asarray(accepted)[:b]
+        passes = np.asarray(passes).max(axis=0)  # the slowest device's loop
         stats = dict(
             prefill_seconds=t1 - t0,
             decode_seconds=t2 - t1,
-            steps=int(np.asarray(n_steps).max()),
+            steps=int(passes[0]),
+            verify_steps=int(passes[1]),
             draft_tokens=[len(d) for d in drafts],
             accepted=accepted.tolist(),
             acceptance=float(accepted.sum() / max(1, sum(len(d) for d in drafts))),
@@ -539,9 +558,11 @@ def check_generate_args(max_new_tokens, num_beams, length_penalty, early_stoppin
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if speculative not in (False, True, "ctc", "thresholded"):
+    if speculative is not False and speculative is not True:
         raise ValueError(
-            f"speculative must be False, True (exact, from the CTC draft) or 'thresholded', got {speculative!r}"
+            f"speculative must be False or True (exact: greedy's tokens, verified against the CTC head's draft), got "
+            f"{speculative!r}; the leaderboard's thresholded mode, which accepts a confident draft unverified, is not "
+            "offered"
         )
     if speculative and num_beams > 1:
         raise ValueError("speculative decoding is greedy: use num_beams=1")

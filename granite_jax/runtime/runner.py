@@ -331,7 +331,7 @@ class Runner:
         num_beams: int = 1,
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
-        speculative: bool | str = False,
+        speculative: bool = False,
     ) -> GenerateResult:
         """Speech to text with the 4.x language model: audio -> embeddings -> the chat prompt -> generation.
 
