@@ -36,7 +36,8 @@ class GenerateResult:
     `texts`: the generated text (`skip_special_tokens`); `token_ids`: the ids after the prompt up to and
     including the first eos (no padding); `prompt_lengths`: prompt tokens (audio tokens included);
     `scores`: beam search's sequence scores (HF's `sequences_scores`), else None; `stats`: timings and
-    counts (prefill and decode seconds, steps, for speculative decoding the draft tokens accepted).
+    counts (prefill and decode seconds, steps; for speculative decoding also the wide verification steps among
+    them, `verify_steps`, and the draft tokens accepted).
     """
 
     texts: list[str]
