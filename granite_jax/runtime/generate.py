@@ -456,7 +456,9 @@ class Generator:
         first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         first.block_until_ready()
         t1 = time.perf_counter()
-        width = _bucket(max(1, max(len(d) for d in drafts)))
+        # one table width per new-token bucket whatever the drafts' lengths (a longer draft is never read past)
+        width = _bucket(max_new_tokens + chunk)
+        drafts = [list(d[:width]) for d in drafts]
         table = np.full((len(lengths), width), -1, np.int32)
         for i, d in enumerate(drafts):
             table[i, : len(d)] = d
