@@ -94,7 +94,8 @@ def prepare(directory: str, lm_layers: int) -> None:
 def drafts_for(greedy: list[list[int]]) -> dict[str, list[list[int]]]:
     """Speculative decoding's bounds: a draft that is greedy's own output (every pass accepts its whole chunk),
     and one that never agrees with the model (a token absent from greedy's output: every pass is a greedy step)."""
-    absent = min(set(range(len(greedy[0]) + 2)) - {t for row in greedy for t in row})
+    made = {t for row in greedy for t in row}
+    absent = min(set(range(len(made) + 1)) - made)  # some id among the first len(made) + 1 is never made
     return {"right draft": greedy, "wrong draft": [[absent] * len(row) for row in greedy]}
 
 

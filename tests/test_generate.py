@@ -295,6 +295,7 @@ def test_speculative_equals_greedy_whatever_the_draft(pairs):
         assert [t.tolist() for t in tokens] == perfect, name
         steps[name], wide[name] = stats["steps"], stats["verify_steps"]
         assert all(a <= len(d) for a, d in zip(stats["accepted"], draft, strict=True)), name
+    print("speculative passes (of them wide) per draft:", {k: (steps[k], wide[k]) for k in steps})
     assert steps["perfect"] < steps["half"] < steps["wrong"] == steps["empty"]
     # a draft that never agrees with the model costs greedy's passes and no wider ones
     assert wide["wrong"] == wide["empty"] == 0 and steps["wrong"] == max(len(p) for p in perfect) - 1
