@@ -1,7 +1,7 @@
 # Two commands from a fresh clone: `make demo` and `make test`. Both set up .venv first (once).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist worksteal
 
 .PHONY: demo test lint format clean-venv
 

@@ -207,8 +207,16 @@ def main() -> None:
         side, directory, case, dtype, tokens = args.worker
         print(json.dumps(worker(side, directory, case, dtype, int(tokens), args.torch_device)))
         return
+    if args.work_dir:
+        report(args, args.work_dir)
+    else:  # the checkpoints (26 GB at 40 layers in fp32) go when the run ends
+        with tempfile.TemporaryDirectory(prefix="bench_generate-") as work:
+            report(args, work)
+
+
+def report(args: argparse.Namespace, work: str) -> None:
+    """Make (once) and convert the checkpoint in `work`, then print the table: each side, each case, its own process."""
     me = [sys.executable, os.path.abspath(__file__)]
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_generate-")
     if not os.path.exists(f"{work}/gj"):
         t0 = time.perf_counter()
         run([*me, "--prepare", work, "--lm-layers", str(args.lm_layers)])

@@ -40,7 +40,7 @@ from granite_jax.testing.speech import make_digit_corpus
 SMALL = os.environ.get("GRANITE_JAX_NOTEBOOK_SMALL") == "1"
 work = tempfile.mkdtemp()
 corpus = make_digit_corpus(
-    os.path.join(work, "digits"), n_train=24 if SMALL else 600, n_eval=8 if SMALL else 100, n_heldout=8 if SMALL else 60
+    os.path.join(work, "digits"), n_train=16 if SMALL else 600, n_eval=8 if SMALL else 100, n_heldout=8 if SMALL else 60
 )
 with open(corpus["train"]) as f:
     lines = f.read().splitlines()
@@ -69,14 +69,16 @@ cfg = EncoderConfig(
     conv_kernel_size=7,
 )
 train.new_checkpoint(cfg, os.path.join(work, "init"), seed=0)
-steps = 6 if SMALL else 1500
+steps = 3 if SMALL else 1500
 summary = train.finetune(
     os.path.join(work, "init"),
     corpus["train"],
     os.path.join(work, "scratch"),
     eval_manifest=corpus["eval"],
     train=train.TrainConfig(learning_rate=2e-3, warmup_steps=min(100, steps // 5), total_steps=steps, mid_weight=0.3),
-    run=train.RunConfig(steps=steps, batch_size=8 if SMALL else 16, eval_every=max(steps // 10, 1), save_every=steps),
+    run=train.RunConfig(
+        steps=steps, batch_size=8 if SMALL else 16, eval_every=steps if SMALL else steps // 10, save_every=steps
+    ),
     progress=not SMALL,
 )
 print(summary)
@@ -112,7 +114,7 @@ for path, part in ((adapt, heldout[:half]), (test, heldout[half:])):
             f.write(json.dumps({"audio_filepath": u.audio_filepath, "text": u.text, "duration": u.duration}) + "\n")
 scratch = granite_jax.load(os.path.join(work, "scratch"))
 before = train.evaluate(scratch.model, scratch, train.data.read_manifest(test))
-lora_steps = 4 if SMALL else 300
+lora_steps = 2 if SMALL else 300
 tuned = train.finetune(
     os.path.join(work, "scratch"),
     adapt,
@@ -154,3 +156,11 @@ for i, n in enumerate(res.lengths):
 for u, a, b in zip(utts, jax_text, torch_text, strict=True):
     print(f"{u.text!r:40} jax {a!r:40} torch {b!r}")
 assert jax_text == torch_text
+
+# %% [markdown]
+# The checkpoints and outputs made above live in a temporary folder; remove it when done.
+
+# %%
+import shutil  # noqa: E402
+
+shutil.rmtree(work)

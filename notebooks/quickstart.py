@@ -180,3 +180,11 @@ plt.show()
 
 # %%
 model.ctc_greedy(result.hidden_states, result.lengths)
+
+# %% [markdown]
+# The checkpoints and outputs made above live in a temporary folder; remove it when done.
+
+# %%
+import shutil  # noqa: E402
+
+shutil.rmtree(work)

@@ -31,6 +31,7 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
         pytest.skip("needs espeak-ng (apt-get install espeak-ng) for its corpus")
 
     monkeypatch.setenv("GRANITE_JAX_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # what a notebook leaves in its temporary folders goes with tmp_path
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, so plots are outputs
     nb = jupytext.read(path)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
