@@ -9,7 +9,7 @@ The jax worker also times exact speculative decoding at its two bounds: drafted 
 it can gain) and by a draft that never agrees with the model (what it costs when the CTC head is wrong).
 The table also prints the time to read the language model's weights once from memory (weight bytes / this
 machine's read rate, measured as a one-row fp32 product over a 1 GiB weight): a batch-1 decode step cannot be
-faster on CPU.
+faster on CPU. Peak RSS is each side's after its greedy run; a speculative row's is the process's after it too.
 
     python benchmarks/bench_generate.py                                   # all cases (about an hour on 2 cores)
     python benchmarks/bench_generate.py --cases 10s --dtypes float32 --lm-layers 4 --new-tokens 16   # quick
@@ -134,7 +134,10 @@ def worker(side: str, directory: str, case: str, dtype: str, new_tokens: int, de
         ids = [t.tolist() for t in r.token_ids]
         prefill, decode = r.stats["prefill_seconds"], r.stats["decode_seconds"]
         encode = total - prefill - decode
+        peak = peak_rss_bytes()  # greedy's, as torch's side runs greedy alone
         speculative = {name: timed_speculative(m, w, new_tokens, draft) for name, draft in drafts_for(ids).items()}
+        for r in speculative.values():
+            r["peak_rss"] = peak_rss_bytes()  # the process's, its speculative programs compiled and run
     else:
         import torch
         import transformers
@@ -163,6 +166,7 @@ def worker(side: str, directory: str, case: str, dtype: str, new_tokens: int, de
             total = time.perf_counter() - t0
         ids = [row[inputs["input_ids"].shape[1] :].tolist() for row in out.cpu()]
         decode, encode, speculative = total - prefill, 0.0, {}
+        peak = peak_rss_bytes()
     return dict(
         speculative=speculative,
         total=total,
@@ -172,7 +176,7 @@ def worker(side: str, directory: str, case: str, dtype: str, new_tokens: int, de
         per_token=decode / max(1, new_tokens - 1),
         tokens_per_s=len(w) * new_tokens / total,
         rtfx=audio / total,
-        peak_rss=peak_rss_bytes(),
+        peak_rss=peak,
         ids=ids,
     )
 
@@ -273,7 +277,7 @@ def report(args: argparse.Namespace, work: str) -> None:
                     f"| {case} | {dtype} | jax, {name} ({r['steps']} passes, {r['verify_steps']} wide) | | "
                     f"{r['decode_seconds'] / max(1, args.new_tokens - 1):.3f} | {read:.3f} | "
                     f"{b * args.new_tokens / r['total']:.2f} | {audio_seconds(case) / r['total']:.2f} | "
-                    f"{r['total']:.1f} | | {res['torch']['total'] / r['total']:.2f}x | "
+                    f"{r['total']:.1f} | {r['peak_rss'] / 1e9:.2f} | {res['torch']['total'] / r['total']:.2f}x | "
                     f"greedy's: {r['ids'] == res['jax']['ids']} |",
                     flush=True,
                 )

@@ -110,6 +110,24 @@ def test_lm_weights_are_held_as_torch_holds_them_and_older_directories_still_loa
     assert set(again) == set(ours) and all(np.array_equal(again[k], ours[k]) for k in ours)
 
 
+def test_token_embeddings_alias_a_map_of_the_file(pairs):
+    """A loaded model's embedding table is a copy-on-write map of language_model.safetensors (the rows a run
+    never looks up are never read: the released vocabulary is 100353 rows); the other weights are arrays of
+    their own. The parity tests above and below run on such a model."""
+    import os
+
+    runner = pairs("untied_kv4")[2]
+    path = os.path.realpath(CONVERTED["untied_kv4"] / "language_model.safetensors")
+    with open("/proc/self/maps") as f:
+        spans = [line.split()[0].split("-") for line in f if line.rstrip().endswith(path)]
+    spans = [(int(lo, 16), int(hi, 16)) for lo, hi in spans]
+    lm = runner.language_model
+    mapped = lambda x: any(lo <= x.unsafe_buffer_pointer() < hi for lo, hi in spans)  # noqa: E731
+    assert spans and mapped(lm.model.embed_tokens.embedding.get_value())
+    assert not mapped(lm.lm_head.weight.get_value())
+    assert not mapped(lm.model.layers[0].self_attn.q_proj.weight.get_value())
+
+
 def test_lm_with_a_cache_equals_whole_sequences(pairs):
     """Prefill then one token at a time (per-row offsets) = the whole sequence at once."""
     import jax.numpy as jnp

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from granite_jax.checkpoint.safetensors_file import SafetensorsError, SafetensorsFile
+from granite_jax.checkpoint.safetensors_file import SafetensorsError, SafetensorsFile, write_streamed
 
 
 def test_matches_the_library(tmp_path):
@@ -32,6 +32,31 @@ def test_matches_the_library(tmp_path):
         got = f.get_tensor(k)
         assert got.dtype == v.dtype and got.shape == v.shape == f.shape(k), k
         np.testing.assert_array_equal(got, v)
+
+
+def test_written_files_map_their_aligned_tensors_copy_on_write(tmp_path):
+    """`write_streamed` starts the data on a 64-byte boundary (the library reads the file); `get_mapped` maps a
+    tensor whose bytes start on one (a write goes to a private page, not the file) and gives None elsewhere."""
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a": rng.standard_normal((4, 16)).astype(np.float32),
+        "b": np.arange(3, dtype=np.float32),  # 4 x 16 x 4 bytes in: aligned
+        "c": rng.standard_normal(5).astype(np.float32),  # 12 bytes after b: not
+    }
+    path = tmp_path / "w.safetensors"
+    write_streamed(path, {k: (v.shape, v.dtype) for k, v in tensors.items()}, tensors.__getitem__, {"x": "y"})
+    ref = load_file(path)
+    assert all(np.array_equal(ref[k], v) for k, v in tensors.items())
+    f = SafetensorsFile(path)
+    assert (8 + struct.unpack("<Q", path.read_bytes()[:8])[0]) % 64 == 0
+    a = f.get_mapped("a")
+    assert isinstance(a, np.memmap) and a.ctypes.data % 64 == 0 and np.array_equal(a, tensors["a"])
+    assert f.get_mapped("b") is not None and f.get_mapped("c") is None
+    a[0, 0] = 1e6
+    del a
+    assert np.array_equal(SafetensorsFile(path).get_tensor("a"), tensors["a"])
+    with pytest.raises(KeyError, match="no tensor 'd'"):
+        f.get_mapped("d")
 
 
 def test_bad_files_are_named(tmp_path):

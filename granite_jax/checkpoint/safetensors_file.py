@@ -2,7 +2,8 @@
 
 `safetensors.safe_open` maps the whole file, so every tensor read stays resident (as file-backed RSS) until
 the handle is dropped, and loading a model briefly counts its weights twice. Reading each tensor with
-`pread` into its own array keeps peak memory at the weights plus one tensor.
+`pread` into its own array keeps peak memory at the weights plus one tensor. `get_mapped` maps one tensor
+alone, for a table of which a run uses a few rows (the language model's token embeddings).
 
 The header is checked as strictly as the official library checks it, so that a malformed file is refused
 rather than read as silently wrong weights: a JSON object of entries with a known dtype, a shape of
@@ -152,6 +153,20 @@ class SafetensorsFile:
                 read += got
         return out
 
+    def get_mapped(self, name: str) -> np.ndarray | None:
+        """The tensor as a copy-on-write map of its bytes in the file (`np.memmap`, mode "c"), or None where its
+        data does not start on a 64-byte boundary (XLA CPU would copy it). A device buffer made from it aliases
+        the mapping: pages never touched (an embedding table's unused rows) are never read, and a write goes
+        to a private copy of its page, never to the file."""
+        if name not in self._entries:
+            raise KeyError(f"{self.path} has no tensor {name!r}")
+        entry = self._entries[name]
+        dtype = _NUMPY.get(entry["dtype"])
+        begin, end = entry["data_offsets"]
+        if dtype is None or end == begin or (self._data_start + begin) % ALIGNMENT:
+            return None
+        return np.memmap(self.path, dtype, mode="c", offset=self._data_start + begin, shape=tuple(entry["shape"]))
+
 
 ALIGNMENT = 64
 
@@ -201,7 +216,7 @@ def write_streamed(
         header[name] = {"dtype": _CODES[dtype], "shape": [int(s) for s in shape], "data_offsets": [at, at + size]}
         at += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # the data buffer starts 8-byte aligned
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)  # the data buffer starts 64-byte aligned (see `get_mapped`)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for name in names:

@@ -51,6 +51,8 @@ PROJECTOR_PREFIX = "projector."  # the projector's NNX paths in params.safetenso
 LANGUAGE_CONFIG_FILE = "language_config.json"
 LANGUAGE_PARAMS_FILE = "language_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # Speech 5
+# Read as maps of the file: only the rows a run looks up become resident (all of them only when the head is tied).
+MAPPED_LANGUAGE_PARAMS = frozenset({"model.embed_tokens.embedding"})
 CARRIED_FILES = TOKENIZER_FILES + (  # a whole 4.x model's
     "chat_template.jinja",
     "chat_template.json",
@@ -197,13 +199,23 @@ class LazyParams(Mapping):
 
     With `prefix`, only the tensors under it (the prefix stripped); `exclude` drops those under it. Each read
     is a fresh array that nothing else holds (`fresh_arrays`): a module built from it may keep it as its own.
+    The keys in `mapped` are copy-on-write maps of the file where their data is aligned
+    (`SafetensorsFile.get_mapped`): only the pages a run touches become resident.
     """
 
     fresh_arrays = True
 
-    def __init__(self, file: str | SafetensorsFile, *, prefix: str = "", exclude: str | None = None):
+    def __init__(
+        self,
+        file: str | SafetensorsFile,
+        *,
+        prefix: str = "",
+        exclude: str | None = None,
+        mapped: frozenset[str] = frozenset(),
+    ):
         self._file = file if isinstance(file, SafetensorsFile) else SafetensorsFile(file)
         self._prefix = prefix
+        self._mapped = mapped
         n, names = len(prefix), self._file.keys()
         self._keys = tuple(k[n:] for k in names if k.startswith(prefix) and not (exclude and k.startswith(exclude)))
         self._key_set = frozenset(self._keys)
@@ -211,6 +223,10 @@ class LazyParams(Mapping):
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._key_set:
             raise KeyError(key)
+        if key in self._mapped:
+            value = self._file.get_mapped(self._prefix + key)
+            if value is not None:
+                return value
         return self._file.get_tensor(self._prefix + key)
 
     def __iter__(self) -> Iterator[str]:
@@ -298,7 +314,7 @@ def load(path: str | os.PathLike) -> Converted:
             language_config = LanguageConfig.from_granite_jax(read_hf_config(file, LANGUAGE_CONFIG_FILE))
         except ConfigError as e:
             raise CheckpointError(f"{file}: {e}") from None
-        language_params = LazyParams(os.path.join(path, LANGUAGE_PARAMS_FILE))
+        language_params = LazyParams(os.path.join(path, LANGUAGE_PARAMS_FILE), mapped=MAPPED_LANGUAGE_PARAMS)
         if any(k.endswith(".kernel") for k in language_params):
             language_params = TransposedKernels(language_params)
     return Converted(
