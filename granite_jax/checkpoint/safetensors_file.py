@@ -165,7 +165,10 @@ class SafetensorsFile:
         begin, end = entry["data_offsets"]
         if dtype is None or end == begin or (self._data_start + begin) % ALIGNMENT:
             return None
-        return np.memmap(self.path, dtype, mode="c", offset=self._data_start + begin, shape=tuple(entry["shape"]))
+        try:
+            return np.memmap(self.path, dtype, mode="c", offset=self._data_start + begin, shape=tuple(entry["shape"]))
+        except OSError:  # a file system that cannot map files: read it instead
+            return None
 
 
 ALIGNMENT = 64
