@@ -21,8 +21,8 @@
 # from espeak-ng in six voices at several rates and noise levels (`granite_jax.testing.speech`), and the
 # encoder is a small 4.x conformer with a character CTC head (`chr(id)`, as the released heads).
 #
-# The test suite runs this notebook with `GRANITE_JAX_NOTEBOOK_SMALL=1` (a tiny corpus and a few steps,
-# so that it only checks that everything runs); `benchmarks/RESULTS.md` records a full-size run.
+# The test suite runs this notebook with `GRANITE_JAX_NOTEBOOK_SMALL=1` (a tiny corpus, one batch of it, and a
+# few steps, so that it only checks that everything runs); `benchmarks/RESULTS.md` records a full-size run.
 
 # %%
 import json
@@ -77,7 +77,7 @@ summary = train.finetune(
     eval_manifest=corpus["eval"],
     train=train.TrainConfig(learning_rate=2e-3, warmup_steps=min(100, steps // 5), total_steps=steps, mid_weight=0.3),
     run=train.RunConfig(
-        steps=steps, batch_size=8 if SMALL else 16, eval_every=steps if SMALL else steps // 10, save_every=steps
+        steps=steps, batch_size=16, eval_every=steps if SMALL else steps // 10, save_every=steps
     ),
     progress=not SMALL,
 )

@@ -23,7 +23,7 @@
 # architecture), and the clip is one of the espeak-ng sentences bundled with granite_jax. With a real
 # checkpoint, start at step 2 with its directory (or hub id).
 #
-# The test suite runs this notebook with `GRANITE_JAX_NOTEBOOK_SMALL=1` (2 layers).
+# The test suite runs this notebook with `GRANITE_JAX_NOTEBOOK_SMALL=1` (1 layer).
 
 # %%
 import dataclasses
@@ -44,7 +44,7 @@ from granite_jax.models.conformer_config import PRODUCTION
 from granite_jax.testing.hf import make_hf_full_checkpoint
 
 SMALL = os.environ.get("GRANITE_JAX_NOTEBOOK_SMALL") == "1"
-cfg = dataclasses.replace(PRODUCTION, num_layers=2 if SMALL else 16)
+cfg = dataclasses.replace(PRODUCTION, num_layers=1 if SMALL else 16)
 work = tempfile.mkdtemp()
 print(cfg)
 

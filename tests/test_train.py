@@ -123,8 +123,12 @@ def _check(got: dict, want32: dict, want64=None, tol: float = 1e-4, what: str = 
     assert not bad, f"{what}: " + ", ".join(bad[:10])
 
 
-@pytest.mark.parametrize("mid_weight", [0.0, 0.3])
-@pytest.mark.parametrize("name", list(CONFIGS))
+# Every config with and without the intermediate CTC loss, except production widths without it (the longest
+# case; its loss is a term of the mixed one, whose gradients the 0.3 case checks).
+LOSS_CASES = [(n, w) for n in CONFIGS for w in (0.0, 0.3) if (n, w) != ("production_2_layers", 0.0)]
+
+
+@pytest.mark.parametrize(("name", "mid_weight"), LOSS_CASES, ids=[f"{n}-{w}" for n, w in LOSS_CASES])
 def test_loss_gradients_and_statistics_equal_torch(pairs, name, mid_weight):
     import torch
 
