@@ -76,9 +76,7 @@ summary = train.finetune(
     os.path.join(work, "scratch"),
     eval_manifest=corpus["eval"],
     train=train.TrainConfig(learning_rate=2e-3, warmup_steps=min(100, steps // 5), total_steps=steps, mid_weight=0.3),
-    run=train.RunConfig(
-        steps=steps, batch_size=16, eval_every=steps if SMALL else steps // 10, save_every=steps
-    ),
+    run=train.RunConfig(steps=steps, batch_size=16, eval_every=steps if SMALL else steps // 10, save_every=steps),
     progress=not SMALL,
 )
 print(summary)
