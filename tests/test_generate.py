@@ -58,6 +58,32 @@ def pairs(tmp_path_factory, tokenizer):
 
 
 # -- the language model ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_times_transposed_is_the_product_in_each_of_its_forms(dtype):
+    """One row, few rows (the weight as the left operand, behind a barrier) and many rows, with leading axes, under
+    jit and grad: x @ weight.T, against float64 (bf16: within its rounding of the inputs, summed in fp32)."""
+    import jax
+    import jax.numpy as jnp
+
+    from granite_jax.models.layers import SKINNY_ROWS, times_transposed
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 16)).astype(np.float32)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for rows in (1, 2, 9, SKINNY_ROWS, SKINNY_ROWS + 1):
+        x = rng.standard_normal((rows, 1, 16)).astype(np.float32)
+        out = jax.jit(lambda x, w: times_transposed(x, w, jnp.dtype(dtype)))(jnp.asarray(x), jnp.asarray(w))
+        assert out.shape == (rows, 1, 24) and out.dtype == jnp.float32
+        want = x.astype(np.float64) @ w.T.astype(np.float64)
+        assert rel_err(np.asarray(out, np.float64), want) < tol, rows
+        loss = lambda x, w: jnp.sum(jnp.sin(times_transposed(x, w, jnp.float32)))  # noqa: E731
+        gx, gw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+        gx_ref, gw_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w.T)), argnums=(0, 1))(
+            jnp.asarray(x), jnp.asarray(w)
+        )
+        assert rel_err(gx, gx_ref) < 1e-5 and rel_err(gw, gw_ref) < 1e-5, rows
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_lm_logits_equal_granite_for_causal_lm(pairs, name):
     """Our logits (divided by logits_scaling) = GraniteForCausalLM's on the same inputs_embeds, in fp32."""

@@ -103,17 +103,30 @@ class TorchLinear(nnx.Module):
         return out.astype(dtype)
 
 
+# Up to this many rows, `times_transposed` makes the weight the product's left operand (see there).
+SKINNY_ROWS = 32
+
+
 def times_transposed(x: jax.Array, weight: jax.Array, dtype) -> jax.Array:
     """x (..., in) @ weight (out, in).T in `dtype`, summed (and returned) in fp32 for a 16-bit dtype.
 
-    The rows are flattened to one axis, and a lone 16-bit row is given a zero partner: XLA CPU's 16-bit product
-    with one row reads its weight several times slower than with two (`benchmarks/bench_matvec.py`)."""
+    The rows are flattened to one axis. With few rows (a decode step, a speculative pass) XLA CPU reads the
+    weight at the memory's rate only when it is the product's left operand and the result stays (out, rows):
+    computed the other way round it reads it 2-3x slower from two rows on, and a 16-bit product with one row
+    several times slower still (`benchmarks/bench_matvec.py`). So from two rows, and for a lone 16-bit row
+    (given a zero partner), the product is weight @ rows.T behind an optimisation barrier, which keeps XLA's
+    layout assignment from folding the small transpose back into the product."""
     acc = accumulator(dtype)
     flat = x.reshape(-1, x.shape[-1]).astype(dtype)
     rows = flat.shape[0]
-    if acc is not None and rows == 1:
-        flat = jnp.concatenate([flat, jnp.zeros_like(flat)])
-    out = jnp.einsum("ni,oi->no", flat, weight.astype(dtype), preferred_element_type=acc)[:rows]  # (rows, out)
+    weight = weight.astype(dtype)
+    if rows > SKINNY_ROWS or (rows == 1 and acc is None):
+        out = jnp.einsum("ni,oi->no", flat, weight, preferred_element_type=acc)  # (rows, out)
+    else:
+        if rows == 1:
+            flat = jnp.concatenate([flat, jnp.zeros_like(flat)])
+        out = jnp.einsum("oi,ni->on", weight, flat, preferred_element_type=acc)  # (out, rows)
+        out = jax.lax.optimization_barrier(out)[:, :rows].T
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
