@@ -69,6 +69,8 @@ class DecodeSettings:
 
 
 def _bucket(n: int, per_octave: int = 4) -> int:
+    """The padded size compiled for `n`: 4 per doubling (new tokens, audio embeddings) is coarse enough for sizes
+    that cost little when padded; the prompt, whose padding the prefill computes through every layer, takes 8."""
     return ladder_frames(max(int(n), 1), per_octave)
 
 
@@ -359,7 +361,7 @@ class Generator:
         b = len(prompt_ids)
         bb = self.rows.padded_batch(1 << (b - 1).bit_length())
         lengths = np.array([len(p) for p in prompt_ids], np.int32)
-        p = _bucket(int(lengths.max()))
+        p = _bucket(int(lengths.max()), per_octave=8)  # at most 12.5% of the prefill's rows padding
         ids = np.full((bb, p), self.settings.pad, np.int32)
         for i, row in enumerate(prompt_ids):
             ids[i, : len(row)] = row
