@@ -68,6 +68,9 @@ class DecodeSettings:
         return cls(eos, int(eos[0] if pad is None else pad))
 
 
+CHUNK = 8  # draft tokens a speculative pass verifies
+
+
 def _bucket(n: int, per_octave: int = 4) -> int:
     """The padded size compiled for `n`: 4 per doubling (new tokens, audio embeddings) is coarse enough for sizes
     that cost little when padded; the prompt, whose padding the prefill computes through every layer, takes 8."""
@@ -374,7 +377,8 @@ class Generator:
 
     def greedy(self, prompt_ids, audio, max_new_tokens: int) -> tuple[list[np.ndarray], dict]:
         b = len(prompt_ids)
-        ids, audio, lengths, cache_length = self.batch(prompt_ids, audio, max_new_tokens)
+        # the speculative loop's cache length: its one-token steps are then these steps, summed in the same order
+        ids, audio, lengths, cache_length = self.batch(prompt_ids, audio, max_new_tokens + CHUNK + 1)
         values = self.bound.values()
         split = self.rows.split_rows
         t0 = time.perf_counter()
@@ -448,7 +452,7 @@ class Generator:
         stats = dict(prefill_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
         return [self.cut(row) for row in seq], score, stats
 
-    def speculative(self, prompt_ids, audio, max_new_tokens, drafts: list[list[int]], chunk: int = 8):
+    def speculative(self, prompt_ids, audio, max_new_tokens, drafts: list[list[int]], chunk: int = CHUNK):
         """Greedy tokens, verified `chunk` draft tokens at a time (see `_speculative_rows`)."""
         b = len(prompt_ids)
         ids, audio, lengths, cache_length = self.batch(prompt_ids, audio, max_new_tokens + chunk + 1)
