@@ -281,7 +281,7 @@ class Generator:
         its last token and, when some row is in step, the next `chunk` draft tokens too: it keeps the longest
         draft prefix equal to the model's own argmax and the model's token after it. While no row is in step a
         pass feeds the last token alone, a greedy step, so a draft that is wrong costs no wider passes (on CPU a
-        pass over `chunk` + 1 tokens reads the weights several times slower than over one). The tokens are
+        pass over `chunk` + 1 tokens takes about twice as long as one over one token). The tokens are
         greedy's by construction. Returns (tokens (B, steps), tokens emitted per row, draft tokens accepted per
         row, [passes, of them wide] per row, the cache)."""
         lm = self.bound.merge(values)
