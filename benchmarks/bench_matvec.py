@@ -4,7 +4,8 @@ A batch-1 decode step is one such product per weight matrix, so its speed is the
 the weight. This prints that rate for fp32 and bf16 (summed in fp32) at 1, 2, 4, 8 and 9 rows, for the weight
 stored (in, out) (`nnx.Linear`'s kernel), stored (out, in) (torch's `Linear`) as the right operand, the same
 as the left operand with the result kept (out, rows), and for `times_transposed` (what the language model
-runs); beside it the machine's read rate as `bench_generate.py` measures it (a one-row fp32 product over 1 GiB).
+runs); beside it the run's `jnp.dot` fp32 peak and the machine's read rate as `bench_generate.py` measures it (a
+one-row fp32 product over 1 GiB).
 
     python benchmarks/bench_matvec.py
     python benchmarks/bench_matvec.py --in-features 2048 --out-features 8192 --rows 1,2,8
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     n, m = args.in_features, args.out_features
     print(f"machine: {cpu_model()}; {os.cpu_count()} cores; jax {jax.__version__}")
-    print(f"memory read {read_bandwidth() / 1e9:.1f} GB/s; weight {n} x {m}")
+    a = jnp.asarray(np.random.default_rng(1).standard_normal((2048, 2048)), jnp.float32)
+    dot = 2 * 2048**3 / best_seconds(jax.jit(jnp.dot), a, a, runs=5) / 1e9
+    print(f"peaks this run: jnp.dot fp32 {dot:.0f} GFLOP/s; memory read {read_bandwidth() / 1e9:.1f} GB/s")
+    print(f"weight {n} x {m}")
     print("\n| rows | dtype | weight | ms | GB/s of weight read |\n|---|---|---|---|---|")
     w = np.random.default_rng(0).standard_normal((n, m)).astype(np.float32)
     for rows in [int(r) for r in args.rows.split(",")]:
