@@ -53,13 +53,15 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=1600)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--compile-only", action="store_true", help="skip the timings (long inputs)")
+    p.add_argument("--dtype", default="float32", help="parameter and compute dtype of the timed block (bfloat16)")
     args = p.parse_args()
     b, t = args.batch, args.frames
     cfg = dataclasses.replace(PRODUCTION, num_layers=1)
     d, c, inner = cfg.hidden_dim, cfg.context_size, cfg.inner_dim
-    block = modeling.GraniteSpeechEncoder(cfg, rngs=nnx.Rngs(0)).layer(0)
+    dtype = jnp.dtype(args.dtype)
+    block = modeling.GraniteSpeechEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype).layer(0)
     if not args.compile_only:
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((b, t, d), np.float32))
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((b, t, d), np.float32), dtype)
         valid = jnp.ones((b, t), bool)
         ff = 2 * b * t * d * cfg.feedforward_mult * d * 2
         attn = 2 * b * t * d * 3 * inner + 2 * b * t * inner * d + 3 * 2 * b * t * c * inner
@@ -68,13 +70,17 @@ def main() -> None:
             "feed-forward": (lambda x: block.ff1(x), ff),
             "attention": (lambda x: block.attn(x, valid), attn),
             "conv module": (lambda x: block.conv(x, valid), conv),
-            "block (tiled)": (lambda x: block(x, valid, tile_frames=8 * c), 2 * ff + attn + conv),
+            "block": (lambda x: block(x, valid), 2 * ff + attn + conv),
+            "block (tiled)": (
+                lambda x: tiling.Tiled(8 * c, c).block(block, x, valid, lambda o, v: o),
+                2 * ff + attn + conv,
+            ),
         }
         a = jnp.asarray(np.random.default_rng(1).standard_normal((2048, 2048), np.float32))
         peak = 2 * 2048**3 / best_time(jax.jit(lambda a: a @ a), a) / 1e9
         print(
             f"jax {jax.__version__} on {jax.devices()[0].device_kind}; input {b} x {t} frames; "
-            f"jnp.dot {peak:.0f} GFLOP/s"
+            f"{dtype.name}; jnp.dot fp32 {peak:.0f} GFLOP/s"
         )
         print("\n| part | ms | GFLOP/s | % of jnp.dot |\n|---|---|---|---|")
         for name, (fn, flops) in parts.items():

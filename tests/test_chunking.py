@@ -55,7 +55,11 @@ def test_tile_plan(b, t, tile):
 def test_tile_plan_pads_least():
     assert tile_plan(1, 30 * 8, 64, 8) == (1, 6 * 8, 1, 30 * 8)  # 5 tiles of 6 blocks, not 4 of 8
     assert tile_plan(1, 960 * 200, 1600, 200) == (1, 1600, 1, 960 * 200)  # an hour: 120 tiles, no padding
-    assert tile_plan(3, 600, 1600, 200) == (2, 600, 4, 600)  # rows in twos: one dummy row
+    assert tile_plan(3, 600, 1600, 200) == (1, 600, 3, 600)  # rows one by one, not in twos with a dummy row
+    assert tile_plan(8, 500, 1600, 200) == (2, 500, 8, 500)  # in twos, not in threes with a dummy ninth row
+    assert tile_plan(7, 500, 1600, 200) == (2, 500, 8, 500)  # one dummy row, not two
+    assert tile_plan(6, 500, 1600, 200) == (3, 500, 6, 500)
+    assert tile_plan(37, 50, 1600, 200) == (19, 50, 38, 50)  # tiles no narrower than half the widest
 
 
 @pytest.mark.parametrize("rows", [1, 3])

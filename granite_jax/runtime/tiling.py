@@ -31,12 +31,14 @@ class TilePlan(NamedTuple):
 def tile_plan(b: int, t: int, tile_frames: int, context_size: int) -> TilePlan:
     """How a (b, t) batch is cut into equal tiles of about `tile_frames` frames.
 
-    Rows that fit whole are grouped `rows` to a tile (the batch padded to a multiple of `rows`). Longer rows
-    are cut into tiles of whole blocks, the row padded to whole tiles: the tile count, up to twice the
-    fewest, is the one that pads least (30 blocks in tiles of at most 8: 5 x 6, not 4 x 8).
+    Rows that fit whole are grouped `rows` to a tile: between half as many as fit and all that fit, the number
+    that pads the batch least, the larger at a tie (8 rows of which 3 fit: tiles of 2, not 3 and a dummy ninth
+    row). Longer rows are cut into tiles of whole blocks, the row padded to whole tiles: the tile count, up to
+    twice the fewest, is the one that pads least (30 blocks in tiles of at most 8: 5 x 6, not 4 x 8).
     """
     if t <= tile_frames:
-        rows = min(b, max(1, tile_frames // t))
+        fit = min(b, max(1, tile_frames // t))
+        rows = min(range(-(-fit // 2), fit + 1), key=lambda r: (-(-b // r) * r, -r))
         return TilePlan(rows, t, -(-b // rows) * rows, t)
     c = context_size
     blocks = -(-t // c)
