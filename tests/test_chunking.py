@@ -62,6 +62,16 @@ def test_tile_plan_pads_least():
     assert tile_plan(37, 50, 1600, 200) == (19, 50, 38, 50)  # tiles no narrower than half the widest
 
 
+def test_tile_plan_never_pads_more_than_full_tiles():
+    """Whole rows: never more padding than tiles filled with as many rows as fit, nor tiles under half as wide."""
+    for tile in (64, 1600):
+        for t in (8, 24, 50, 200, 500, tile):
+            for b in range(1, 41):
+                fit = min(b, max(1, tile // t))
+                plan = tile_plan(b, t, tile, 8)
+                assert plan.batch <= -(-b // fit) * fit and -(-fit // 2) <= plan.rows <= fit, (b, t, tile, plan)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("t", [5 * 8 - 3, 5 * 8, 5 * 8 + 1])
 @pytest.mark.parametrize("kernel", [4, 15])
