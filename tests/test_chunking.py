@@ -38,6 +38,22 @@ def test_chunked_equals_unchunked(name, chunk_blocks):
     assert not np.asarray(got)[~valid].any()
 
 
+def test_rows_grouped_with_a_dummy_row_equal_unchunked():
+    """Seven short rows of mixed lengths, three fitting a tile: tiles of two rows and one dummy row, as untiled."""
+    cfg = TINY
+    model = GraniteSpeechEncoder(cfg, rngs=nnx.Rngs(2))
+    b, t, chunk_blocks = 7, 3 * cfg.context_size - 1, 10
+    plan = tile_plan(b, t, chunk_blocks * cfg.context_size, cfg.context_size)
+    print(f"plan {plan}")
+    assert (plan.rows, plan.batch) == (2, 8)
+    x = np.random.default_rng(3).standard_normal((b, t, cfg.input_dim)).astype(np.float32)
+    valid = np.arange(t)[None] < np.array([t, 1, t - 1, cfg.context_size, cfg.context_size + 1, 2, t])[:, None]
+    want = jax.jit(lambda a, v: model(a, v))(x, valid)
+    got = jax.jit(lambda a, v: tiled_encode(model, a, v, chunk_blocks))(x, valid)
+    assert rel_err(got, want) < 1e-5
+    assert not np.asarray(got)[~valid].any()
+
+
 @pytest.mark.parametrize("b,t", [(1, 11 * 8), (3, 11 * 8), (5, 24), (7, 8), (2, 8 * 9), (1, 8 * 5 + 1)])
 @pytest.mark.parametrize("tile", [8, 16, 24, 40, 1000])
 def test_tile_plan(b, t, tile):
