@@ -256,8 +256,9 @@ def test_bfloat16_encode_is_close_to_float32(tmp_path):
     assert half.hidden_states.dtype == half.audio_embeddings.dtype == jnp.bfloat16
     # the features are computed in fp32 and rounded to bf16 (8 bits of mantissa) for the encoder
     np.testing.assert_allclose(np.asarray(half.features, np.float32), np.asarray(full.features), atol=2e-2, rtol=0)
-    assert rel_err(half.hidden_states, full.hidden_states) < 0.1
-    assert rel_err(half.audio_embeddings, full.audio_embeddings) < 0.1
+    errors = rel_err(half.hidden_states, full.hidden_states), rel_err(half.audio_embeddings, full.audio_embeddings)
+    print(f"\nbf16 against fp32, relative error: hidden states {errors[0]:.2e}, audio embeddings {errors[1]:.2e}")
+    assert max(errors) < 0.1
 
 
 # -- what users pass ------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from granite_jax.checkpoint.params import abstract_variables, module_from_params, variables_of
-from granite_jax.models.layers import activation, dense, layer_norm
+from granite_jax.models.layers import accumulator, activation, dense, layer_norm
 from granite_jax.models.projector_config import ProjectorConfig
 
 
@@ -61,9 +61,10 @@ class QFormerMultiHeadAttention(nnx.Module):
         v = self.value(src).reshape(*src.shape[:2], h, d)
         if q.shape[0] != k.shape[0]:  # the learned queries (batch 1) meet every window, as torch broadcasts
             q = jnp.broadcast_to(q, (k.shape[0], *q.shape[1:]))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (b h q k): windows, heads, queries, keys
+        acc = accumulator(q.dtype)  # 16-bit products summed in fp32, as the dense layers do
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc)  # (b h q k): windows, heads, ...
         weights = jax.nn.softmax(logits.astype(jnp.float32) * d**-0.5, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # (b q h d)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=acc).astype(v.dtype)  # (b q h d)
         return out.reshape(*out.shape[:2], h * d)
 
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from granite_jax.models.layers import accumulator
+
 # Projections a LoRA can target (paths inside a conformer block).
 TARGETS = (
     "attn.to_q",
@@ -67,7 +69,9 @@ class LoRALinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.base.dtype or x.dtype
         a, b = self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype)
-        return self.base(x) + (self.scale * ((x.astype(dtype) @ a) @ b)).astype(dtype)
+        acc = accumulator(dtype)  # 16-bit products summed in fp32, as the base layer's
+        low = jnp.matmul(x.astype(dtype), a, preferred_element_type=acc).astype(dtype)
+        return self.base(x) + (self.scale * jnp.matmul(low, b, preferred_element_type=acc)).astype(dtype)
 
     def merged(self) -> nnx.Linear:
         """The base Linear with W + (alpha / rank) A B as its kernel."""
