@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import time
 from typing import Any
 
 import numpy as np
+from _common import exit_on_sigterm
 
 FRAMES_PER_SECOND = 50  # encoder input frames per second of audio
 INPUT_DIM = 160
@@ -705,10 +705,9 @@ def main() -> None:
         )
         print(json.dumps(result), flush=True)
         return
-    # SIGTERM unwinds like Ctrl-C: the running worker is killed and the checkpoints' folder removed
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sys.exit(main_parent(args))
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

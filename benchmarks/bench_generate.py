@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import exit_on_sigterm
 from bench_encoder import cpu_model, peak_rss_bytes, peak_worker, version  # noqa: E402
 
 from granite_jax.testing.hf_llm import RELEASED_TEXT  # noqa: E402
@@ -304,4 +305,5 @@ def report(args: argparse.Namespace, work: str) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

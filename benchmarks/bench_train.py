@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_encoder as be  # noqa: E402  (the shared helpers: CPU, RSS, matmul peak, checkpoint)
+from _common import exit_on_sigterm
 
 CASES = {"4x10s": (4, 10), "8x30s": (8, 30), "2x10s": (2, 10)}
 DEFAULT_CASES = ("4x10s", "8x30s")
@@ -198,4 +199,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import numpy as np
+from _common import exit_on_sigterm
 
 SR = 16000
 
@@ -133,4 +134,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

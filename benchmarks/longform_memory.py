@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from _common import exit_on_sigterm
+
 SR = 16000
 
 
@@ -152,4 +154,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()
